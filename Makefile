@@ -1,0 +1,28 @@
+# `make repro` and `make test` are all a fresh clone needs (Python 3.10+, PyPI reachable).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(abspath $(VENV)/bin)
+# DVC stages call `python -m pipeline`: put the venv first so they find it.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install repro test ui clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+repro: install
+	dvc repro
+
+# pytest exits 5 when it collected nothing: that is a failure here, not a pass.
+test: install
+	@pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+clean:
+	rm -rf checkpoints dvc_plots .pytest_cache

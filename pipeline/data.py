@@ -1,0 +1,215 @@
+"""Datasets as compact in-memory tensors, batched by index.
+
+Every dataset that fits in memory is decoded once (by `prepare`) into uint8
+images [N, C, H, W] plus int64 labels. Training then slices batches out of one
+tensor that lives on the training device (airbench-style): no per-sample
+`__getitem__`, no collate, no worker processes, and augmentation runs on whole
+batches where the data is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import AugmentConfig, DataConfig
+from pipeline.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+    mean: list[float]  # per channel, of train images scaled to [0, 1]
+    std: list[float]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ---------------------------------------------------------------- prepare
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (keep, carved) with `fraction` of every class carved out, seeded."""
+    from sklearn.model_selection import train_test_split
+
+    index = torch.arange(len(labels)).numpy()
+    keep, carved = train_test_split(index, test_size=fraction, random_state=seed, stratify=labels.numpy())
+    return torch.from_numpy(keep).sort().values, torch.from_numpy(carved).sort().values
+
+
+def load_digits_raw() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 [N, 1, 8, 8]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 17 grey levels spread over 0..255 keeps them distinct and lets digits share the uint8 format.
+    images = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(digits.target).long()
+    return images, labels, [str(name) for name in digits.target_names]
+
+
+def split_dataset(images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, seed: int,
+                  test: Split | None = None) -> dict[str, Split]:
+    """Seeded, stratified train/val(/test) split; an official test split is kept as given."""
+    if test is None:
+        rest, test_idx = stratified_split(labels, cfg.test_fraction, seed)
+        test = Split(images[test_idx], labels[test_idx])
+        images, labels = images[rest], labels[rest]
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
+    return {"train": Split(images[train_idx], labels[train_idx]),
+            "val": Split(images[val_idx], labels[val_idx]),
+            "test": test}
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    scaled = images.float().div_(255)
+    return scaled.mean(dim=(0, 2, 3)).tolist(), scaled.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+
+
+def save_prepared(out_dir: Path, splits: dict[str, Split], classes: list[str], source: str) -> dict:
+    """Write tensors.pt (all splits) and meta.json; returns the meta."""
+    mean, std = channel_stats(splits["train"].images)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}_{part}": getattr(split, part) for name, split in splits.items() for part in ("images", "labels")}
+    torch.save(tensors, out_dir / "tensors.pt")
+    meta = {"source": source, "classes": classes, "mean": mean, "std": std,
+            "shape": list(splits["train"].images.shape[1:]),
+            "sizes": {name: len(split) for name, split in splits.items()}}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_prepared(data_dir: Path) -> PreparedData:
+    tensors_path, meta_path = data_dir / "tensors.pt", data_dir / "meta.json"
+    for path in (tensors_path, meta_path):
+        if not path.exists():
+            raise UserError(f"prepared data missing: {path} (run `python -m pipeline prepare` or `dvc repro prepare`)")
+    meta = json.loads(meta_path.read_text())
+    tensors = torch.load(tensors_path, weights_only=True)
+    splits = {name: Split(tensors[f"{name}_images"], tensors[f"{name}_labels"]) for name in SPLITS}
+    return PreparedData(**splits, classes=meta["classes"], mean=meta["mean"], std=meta["std"])
+
+
+# ---------------------------------------------------------------- batches
+
+EVAL_BATCH_SIZE = 1024  # no gradients kept, so evaluation can take big slices
+
+class BatchTransform:
+    """uint8 batch -> normalised float batch, with optional random crop/flip.
+
+    Works on whole batches on the batch's device; its own generator makes the
+    augmentation reproducible and checkpointable.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], augment: AugmentConfig | None,
+                 generator: torch.Generator | None = None, channels_last: bool = False):
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.augment = augment
+        self.generator = generator
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.augment is not None:
+            if self.augment.crop_padding:
+                images = random_crop(images, self.augment.crop_padding, self.generator)
+            if self.augment.hflip:
+                images = random_hflip(images, self.generator)
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        x = images.float().div_(255).sub_(mean).div_(std)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
+    """RandomCrop(size, padding) for every image of a batch at once, via one gather."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=images.device)
+    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]  # [n, 1, h, 1]
+    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]  # [n, 1, 1, w]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+class TensorBatches:
+    """Iterates (inputs, labels) batches of an in-memory Split by index."""
+
+    def __init__(self, split: Split, batch_size: int, transform: BatchTransform, shuffle: bool = False,
+                 drop_last: bool = False, generator: torch.Generator | None = None):
+        self.split, self.batch_size, self.transform = split, batch_size, transform
+        self.shuffle, self.drop_last, self.generator = shuffle, drop_last, generator
+
+    def __len__(self) -> int:
+        n, b = len(self.split), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        n = len(self.split)
+        device = self.split.labels.device
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(device, non_blocking=True)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield self.transform(self.split.images[index]), self.split.labels[index]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()} if self.generator is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.split)
+
+
+def training_batches(data: PreparedData, batch_size: int, augment: AugmentConfig, seed: int, device: torch.device,
+                     drop_last: bool = False, channels_last: bool = False) -> tuple[TensorBatches, TensorBatches]:
+    """Shuffled, augmented train batches and plain val batches, both resident on `device`.
+
+    One seeded generator on the data's device drives both shuffling and
+    augmentation, so a run is reproducible and its RNG fits in a checkpoint.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    train_transform = BatchTransform(data.mean, data.std, augment, generator, channels_last)
+    train = TensorBatches(data.train.to(device), batch_size, train_transform, shuffle=True,
+                          drop_last=drop_last, generator=generator)
+    return train, eval_batches(data.val, data.mean, data.std, device, channels_last)
+
+
+def eval_batches(split: Split, mean: list[float], std: list[float], device: torch.device,
+                 channels_last: bool = False) -> TensorBatches:
+    return TensorBatches(split.to(device), EVAL_BATCH_SIZE, BatchTransform(mean, std, None, channels_last=channels_last))

@@ -1,0 +1,117 @@
+"""Model zoo, from the tutorials' logistic regression to a torchvision ResNet.
+
+Every builder adapts to the data: input shape (C, H, W) and number of classes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, ModelConfig
+from pipeline.errors import UserError
+
+Shape = tuple[int, int, int]
+
+
+def logistic_regression(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
+    """The tutorials' LogisticRegression: one linear layer on flattened pixels (softmax lives in the loss)."""
+    c, h, w = shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, classes))
+
+
+def mlp(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
+    """The tutorials' SimpleNN: fully connected ReLU layers with dropout."""
+    c, h, w = shape
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = c * h * w
+    for hidden in cfg.hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout)]
+        width = hidden
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
+    """The tutorials' SimpleCNN: (conv-BN-ReLU-maxpool) blocks, then a small classifier head."""
+    c, h, w = shape
+    layers: list[nn.Module] = []
+    for width in cfg.channels:
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        if min(h, w) >= 2:  # 8x8 digits run out of pixels before CIFAR does
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = width
+    head_width = cfg.hidden_sizes[0]
+    layers += [nn.Flatten(), nn.Linear(c * h * w, head_width), nn.ReLU(inplace=True),
+               nn.Dropout(cfg.dropout), nn.Linear(head_width, classes)]
+    return nn.Sequential(*layers)
+
+
+def digit_recognizer(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
+    """The tutorials' DigitRecognizer, LeNet-5 style: 5x5 convs 6 -> 16, then 120 -> 84 -> classes."""
+    c, h, w = shape
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * (h // 4) * (w // 4), 120), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+        nn.Linear(120, 84), nn.ReLU(inplace=True),
+        nn.Linear(84, classes),
+    )
+
+
+def resnet18(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
+    """torchvision's ResNet-18 for small images: 3x3 stride-1 stem and no max-pool (CIFAR-style)."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    model = tv_resnet18(weights=None, num_classes=classes)
+    model.conv1 = nn.Conv2d(shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+BUILDERS: dict[str, Callable[[ModelConfig, Shape, int], nn.Module]] = {
+    "logreg": logistic_regression,
+    "mlp": mlp,
+    "cnn": cnn,
+    "digit_recognizer": digit_recognizer,
+    "resnet18": resnet18,
+}
+
+
+def build_model(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
+    return BUILDERS[cfg.name](cfg, tuple(shape), classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_model(path: Path, state_dict: dict, cfg: Config, classes: list[str], input_shape: Shape,
+               mean: list[float], std: list[float], **info) -> None:
+    """Weights plus everything needed to rebuild and feed the model; loads with weights_only=True."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"state_dict": state_dict, "config": cfg.model_dump(), "classes": list(classes),
+               "input_shape": list(input_shape), "mean": list(mean), "std": list(std), **info}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: Path) -> tuple[nn.Module, dict]:
+    """(model in eval mode on the CPU, the saved payload). Never unpickles arbitrary objects."""
+    if not Path(path).exists():
+        raise UserError(f"model file missing: {path} (train it first: `dvc repro` or `python -m pipeline train`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise UserError(f"cannot read model file {path}: {err}".splitlines()[0]) from None
+    model = build_model(ModelConfig.model_validate(payload["config"]["model"]), payload["input_shape"],
+                        len(payload["classes"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), payload

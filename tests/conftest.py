@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny configs, prepared digits, and throwaway copies of the repo.
+
+Tests run the real entry points (`python -m pipeline`, `dvc repro`) on tiny
+settings; GPU tests are skipped automatically where there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+# Everything a user's clone has that the pipeline needs to run.
+REPO_FILES = ["pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/plots", ".dvcignore",
+              ".gitignore"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_cfg() -> Config:
+    return load_config(REPO / "params.yaml", ["train.epochs=3", "train.device=cpu"])
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from pipeline import data
+
+    cfg = load_config(REPO / "params.yaml")
+    images, labels, classes = data.load_digits_raw()
+    splits = data.split_dataset(images, labels, cfg.data, cfg.seed)
+    mean, std = data.channel_stats(splits["train"].images)
+    return data.PreparedData(**splits, classes=classes, mean=mean, std=std)
+
+
+def run_cli(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in `cwd`, the way a DVC stage runs it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh git+DVC repository holding this project's pipeline files."""
+    for name in REPO_FILES:
+        source = REPO / name
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    return copy_repo(tmp_path / "repo")
+
+
+def run_dvc(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real `dvc` CLI, with this interpreter's bin first on PATH so stages find `python -m pipeline`."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)  # stages must import the copy's own `pipeline/`
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,68 @@
+import torch
+
+from pipeline import data
+from pipeline.config import AugmentConfig
+
+
+def test_digits_split_is_stratified_disjoint_and_complete(digits):
+    sizes = {name: len(getattr(digits, name)) for name in data.SPLITS}
+    assert sum(sizes.values()) == 1797
+    assert sizes["test"] == 360
+    for split in (digits.train, digits.val, digits.test):
+        assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 8, 8)
+        counts = torch.bincount(split.labels, minlength=10).float()
+        # every class holds its share (stratified): no class is under- or over-represented
+        assert (counts / counts.sum() - 0.1).abs().max() < 0.02
+
+
+def test_split_is_seeded(digits):
+    from pipeline.config import DataConfig
+
+    images, labels, _ = data.load_digits_raw()
+    again = data.split_dataset(images, labels, DataConfig(), seed=42)
+    assert torch.equal(again["val"].labels, digits.val.labels)
+    other = data.split_dataset(images, labels, DataConfig(), seed=7)
+    assert not torch.equal(other["val"].images, digits.val.images)
+
+
+def test_random_crop_returns_shifted_windows_of_the_padded_image():
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).view(2, 3, 5, 5)
+    generator = torch.Generator().manual_seed(0)
+    cropped = data.random_crop(images, padding=2, generator=generator)
+    assert cropped.shape == images.shape
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for n in range(2):
+        windows = [padded[n, :, y:y + 5, x:x + 5] for y in range(5) for x in range(5)]
+        assert any(torch.equal(cropped[n], window) for window in windows)
+
+
+def test_hflip_flips_some_images_and_keeps_the_rest():
+    images = torch.randint(0, 255, (64, 1, 4, 4), dtype=torch.uint8)
+    out = data.random_hflip(images, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, i.flip(-1)) and not torch.equal(o, i) for o, i in zip(out, images)]
+    kept = [torch.equal(o, i) for o, i in zip(out, images)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_batches_cover_every_sample_once_per_epoch(digits):
+    transform = data.BatchTransform(digits.mean, digits.std, None)
+    batches = data.TensorBatches(digits.train, 100, transform, shuffle=True, generator=torch.Generator().manual_seed(1))
+    labels = torch.cat([y for _, y in batches])
+    assert len(labels) == len(digits.train) and len(batches) == 13
+    assert torch.equal(labels.sort().values, digits.train.labels.sort().values)
+    dropped = data.TensorBatches(digits.train, 100, transform, drop_last=True)
+    assert [len(y) for _, y in dropped] == [100] * 12
+
+
+def test_batch_transform_normalises_to_train_statistics(digits):
+    x, _ = next(iter(data.TensorBatches(digits.train, len(digits.train), data.BatchTransform(digits.mean, digits.std, None))))
+    assert x.dtype == torch.float32
+    assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-2
+
+
+def test_augmented_batches_are_reproducible_from_the_generator_state(digits):
+    def epoch(generator):
+        transform = data.BatchTransform(digits.mean, digits.std, AugmentConfig(crop_padding=1), generator)
+        return torch.cat([x for x, _ in data.TensorBatches(digits.train, 64, transform, shuffle=True, generator=generator)])
+
+    assert torch.equal(epoch(torch.Generator().manual_seed(3)), epoch(torch.Generator().manual_seed(3)))
