@@ -8,9 +8,11 @@ Config to its stage. User errors print one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import CheckFailed, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,21 +28,45 @@ def build_parser() -> argparse.ArgumentParser:
     who = train.add_mutually_exclusive_group()
     who.add_argument("--model", help="model to train (default: model.name); writes models/NAME/")
     who.add_argument("--final", action="store_true", help="train model.name as the final model: models/final/")
+    train.add_argument("--tuned", metavar="JSON", help="apply a search's best params (reports/tune/best_params.json)")
+    tune = commands.add_parser("tune", parents=[common], help="Optuna search for model.name -> reports/tune/")
+    tune.add_argument("--workers", type=int, metavar="N", help="worker processes (default: tune.workers)")
+    tune.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child started by --workers
     commands.add_parser("evaluate", parents=[common], help="test-set metrics of every trained model")
     commands.add_parser("report", parents=[common], help="final metrics, comparison table and plots")
+    predict = commands.add_parser("predict", parents=[common], help="classify image files (top-3 probabilities)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--model", dest="model_uri", metavar="URI",
+                         help="MLflow model URI, e.g. models:/digits-cnn/1 (default: models/final/model.pt)")
+    reproduce = commands.add_parser("reproduce", parents=[common],
+                                    help="retrain an MLflow run from its config; exit 0 only if test metrics match")
+    reproduce.add_argument("run_id")
     return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so checkpoints stay and MLflow runs end KILLED."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
+    except CheckFailed as failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -54,8 +80,19 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "train":
         if args.model:
             cfg = cfg.with_overrides({"model.name": args.model})
+        if args.tuned:
+            cfg = stages.tuned(cfg, Path(args.tuned))
         stages.train(cfg, stages.FINAL if args.final else cfg.model.name)
+    elif args.command == "tune":
+        if args.workers:
+            cfg = cfg.with_overrides({"tune.workers": args.workers})
+        worker_args = ["--params", args.params, *(f"--set={item}" for item in args.overrides)]
+        stages.tune(cfg, worker_args, worker=args.worker)
     elif args.command == "evaluate":
         stages.evaluate(cfg)
     elif args.command == "report":
         stages.report(cfg)
+    elif args.command == "predict":
+        stages.predict(cfg, args.images, args.model_uri)
+    elif args.command == "reproduce":
+        stages.reproduce(cfg, args.run_id)

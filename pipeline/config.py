@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -58,7 +58,7 @@ class TrainConfig(Section):
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (step, plateau)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 = off")
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    monitor: Literal["val_accuracy", "val_loss"] = "val_loss"
     patience: int = Field(0, ge=0, description="early-stopping patience in epochs; 0 = off")
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -77,23 +77,110 @@ class TrainConfig(Section):
         return value
 
 
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<repo>/mlflow.db; "
+                                               "MLFLOW_TRACKING_URI overrides")
+    experiment: str | None = Field(None, description="MLflow experiment; default data.name")
+    flush_every_s: float = Field(5.0, ge=0, description="epoch metrics are sent in one batch at most this often")
+    log_models: bool = True
+    system_metrics: bool = Field(False, description="CPU/RAM (and GPU) usage via MLflow system metrics")
+
+
+class SearchDimension(Section):
+    """One searched param: a numeric range (low/high, optional log/step) or a list of choices."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = Field(None, gt=0)
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchDimension:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either low/high or choices, not both")
+        elif self.low is None or self.high is None:
+            raise ValueError("needs low and high, or choices")
+        elif not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        elif self.log and self.step is not None:
+            raise ValueError("give either log or step, not both (Optuna samples one or the other)")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) for v in (self.low, self.high, self.step or 1))
+
+    def candidates(self) -> list[Any]:
+        """Values that bound what the sampler can return: enough to validate them once."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+class TuneConfig(Section):
+    n_trials: int = Field(24, ge=1, description="trials counted: complete + pruned + running, across all workers")
+    timeout: float | None = Field(None, gt=0, description="seconds per worker; stop starting trials after it")
+    epochs: int | None = Field(15, ge=1, description="epochs per trial (default train.epochs)")
+    metric: Literal["val_accuracy", "val_loss"] = "val_loss"
+    sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    startup_trials: int = Field(5, ge=0, description="trials before TPE models and the median pruner acts")
+    warmup_epochs: int = Field(3, ge=0, description="epochs a trial runs before it can be pruned")
+    workers: int = Field(1, ge=1, description="worker processes on the study")
+    storage: str | None = Field(None, description="Optuna RDB URL (sqlite:///, postgresql://) or a journal file "
+                                                  "path; default sqlite:///<repo>/optuna.db")
+    heartbeat_interval: int = Field(10, ge=1, description="seconds between heartbeats of running trials (RDB)")
+    grace_period: int = Field(60, ge=2, description="a trial without heartbeat this long is stale: failed + retried")
+    space: dict[str, SearchDimension] = Field(default_factory=dict)
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if self.metric == "val_accuracy" else "minimize"
+
+
 class Config(Section):
     seed: int = 42
     data: DataConfig = DataConfig()
     models: list[ModelName] = Field(["logreg", "mlp", "cnn"], min_length=1, description="the comparison matrix")
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _searchable_space(self) -> Config:
+        """Every searched key must exist, and the bounds/choices must be valid values for it."""
+        if not self.tune.space:
+            return self
+        base = self.model_dump()
+        base["tune"]["space"] = {}
+        known = flatten(base)
+        for key, dimension in self.tune.space.items():
+            if key not in known or key.startswith(("tune.", "tracking.")) or key == "seed":
+                raise ValueError(f"tune.space: {key!r} is not a searchable param")
+            for value in dimension.candidates():
+                raw = json.loads(json.dumps(base))
+                _set_dotted(raw, key, value)
+                try:
+                    Config.model_validate(raw)
+                except ValidationError as err:
+                    raise ValueError(f"tune.space.{key}: {value!r} is not a valid value for it "
+                                     f"({err.errors()[0]['msg']})") from None
+        return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A new validated Config with dotted keys replaced (e.g. tuned values)."""
         raw = self.model_dump()
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
-        return _validate(raw, source="overrides")
+        return validate(raw, source="overrides")
 
     def fingerprint(self) -> str:
-        """Short stable hash of the whole config: names runs and guards checkpoint reuse."""
-        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        """Short stable hash of what shapes the result: names runs and guards checkpoint reuse."""
+        blob = json.dumps(self.model_dump(exclude={"tracking", "tune"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 
     def flat(self) -> dict[str, Any]:
@@ -129,7 +216,7 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text else None)
-    return _validate(raw, source=str(path))
+    return validate(raw, source=str(path))
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -142,7 +229,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _validate(raw: dict[str, Any], source: str) -> Config:
+def validate(raw: dict[str, Any], source: str) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
@@ -159,7 +246,9 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
         allowed = ", ".join(parent.model_fields) if parent else "?"
         message = f"unknown key {key!r} (allowed here: {allowed})"
     else:
-        message = f"{key}: {first['msg']} (got {first.get('input')!r})"
+        reason = first["msg"].removeprefix("Value error, ")
+        # whole-config checks (loc == ()) name their keys in the message and have no single input to show
+        message = f"{key}: {reason} (got {first.get('input')!r})" if key else reason
     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"{source}: {message}{more}"
 

@@ -9,6 +9,8 @@ batches where the data is.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ class PreparedData:
     classes: list[str]
     mean: list[float]  # per channel, of train images scaled to [0, 1]
     std: list[float]
+    md5: str = ""  # of tensors.pt: the data hash runs are tagged with and `reproduce` checks
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -110,9 +113,11 @@ def load_prepared(data_dir: Path) -> PreparedData:
         if not path.exists():
             raise UserError(f"prepared data missing: {path} (run `python -m pipeline prepare` or `dvc repro prepare`)")
     meta = json.loads(meta_path.read_text())
-    tensors = torch.load(tensors_path, weights_only=True)
+    blob = tensors_path.read_bytes()  # read once: hashed and loaded from the same bytes
+    tensors = torch.load(io.BytesIO(blob), weights_only=True)
     splits = {name: Split(tensors[f"{name}_images"], tensors[f"{name}_labels"]) for name in SPLITS}
-    return PreparedData(**splits, classes=meta["classes"], mean=meta["mean"], std=meta["std"])
+    return PreparedData(**splits, classes=meta["classes"], mean=meta["mean"], std=meta["std"],
+                        md5=hashlib.md5(blob).hexdigest())
 
 
 # ---------------------------------------------------------------- batches

@@ -7,3 +7,7 @@ a bug and keeps its traceback.
 
 class UserError(Exception):
     """Bad input (params, paths, downloads): reported as one line, exit code 2."""
+
+
+class CheckFailed(Exception):
+    """A check the user asked for came out negative (e.g. `reproduce` found different metrics): exit code 1."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class FitResult:
         return self.history[self.best_epoch - 1]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf: the run diverged (Optuna fails such a trial)."""
+class NonFiniteLossError(UserError):
+    """The training loss became NaN/inf: the params made the run diverge (Optuna fails such a trial)."""
 
 
 # ---------------------------------------------------------------- environment
@@ -95,7 +96,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     except ImportError:  # numpy is optional for torch
         pass
     torch.manual_seed(seed)  # also seeds every CUDA device
-    if deterministic:
+    if deterministic and torch.cuda.is_available():
+        # CPU kernels are already deterministic; the switch (and its 2 s of imports) matters for CUDA.
         # cuBLAS needs this before its first use to pick reproducible kernels.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -92,6 +92,20 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+class Classifier(nn.Module):
+    """Pixels scaled to [0, 1] in, class probabilities out: the form MLflow serves and `predict` uses."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], classes: list[str],
+                 input_shape: Shape):
+        super().__init__()
+        self.model, self.classes, self.input_shape = model, list(classes), tuple(input_shape)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model((pixels - self.mean) / self.std).softmax(dim=1)
+
+
 def save_model(path: Path, state_dict: dict, cfg: Config, classes: list[str], input_shape: Shape,
                mean: list[float], std: list[float], **info) -> None:
     """Weights plus everything needed to rebuild and feed the model; loads with weights_only=True."""
@@ -115,3 +129,8 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
                         len(payload["classes"]))
     model.load_state_dict(payload["state_dict"])
     return model.eval(), payload
+
+
+def load_classifier(path: Path) -> Classifier:
+    model, payload = load_model(path)
+    return Classifier(model, payload["mean"], payload["std"], payload["classes"], payload["input_shape"]).eval()

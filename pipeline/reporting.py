@@ -63,7 +63,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # stages run headless
@@ -74,7 +74,7 @@ def _pyplot():
 
 def plot_curves(histories: dict[str, Sequence], path: Path) -> None:
     """Loss and accuracy per epoch, train dashed and val solid, one colour per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (name, history) in enumerate(histories.items()):
         epochs = [m.epoch for m in history]
@@ -87,11 +87,11 @@ def plot_curves(histories: dict[str, Sequence], path: Path) -> None:
     acc_ax.set(title="accuracy", xlabel="epoch")
     acc_ax.legend(fontsize="small")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(matrix, classes: Sequence[str], path: Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     from sklearn.metrics import ConfusionMatrixDisplay
 
     size = max(4.5, 0.45 * len(classes) + 2)
@@ -101,14 +101,14 @@ def plot_confusion(matrix, classes: Sequence[str], path: Path, title: str) -> No
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(classes)).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title(title)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     fig.clear()
-    _pyplot().close(fig)
+    pyplot().close(fig)

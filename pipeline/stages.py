@@ -5,11 +5,13 @@ Paths are relative to the repository root, where DVC runs every stage.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import CheckFailed, UserError
 
 PREPARED_DIR = Path("data/prepared")
 MODELS_DIR = Path("models")
@@ -18,12 +20,30 @@ REPORTS_DIR = Path("reports")
 FINAL = "final"  # run name of the model that `report` presents (model.name, trained by `train --final`)
 
 
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one training run's outputs go (`reproduce` points these at a scratch folder)."""
+
+    model_dir: Path
+    reports: Path
+    checkpoints: Path
+
+    @classmethod
+    def of(cls, run_name: str, root: Path = Path(".")) -> RunPaths:
+        return cls(root / MODELS_DIR / run_name, root / REPORTS_DIR / "train" / run_name,
+                   root / CHECKPOINTS_DIR / run_name)
+
+    @property
+    def model(self) -> Path:
+        return self.model_dir / "model.pt"
+
+
 def model_path(run_name: str) -> Path:
-    return MODELS_DIR / run_name / "model.pt"
+    return RunPaths.of(run_name).model
 
 
 def train_report_dir(run_name: str) -> Path:
-    return REPORTS_DIR / "train" / run_name
+    return RunPaths.of(run_name).reports
 
 
 def eval_report_dir(run_name: str) -> Path:
@@ -45,10 +65,14 @@ def prepare(cfg: Config) -> None:
     print(f"prepared {cfg.data.name}: {meta['sizes']} images of shape {meta['shape']} -> {PREPARED_DIR}")
 
 
-def train(cfg: Config, run_name: str) -> None:
-    """Train `cfg.model.name` with the shared loop; write the model, its history and metrics."""
+def train(cfg: Config, run_name: str, paths: RunPaths | None = None) -> str | None:
+    """Train `cfg.model.name` with the shared loop; write the model, its history and metrics.
+
+    Returns the MLflow run id (None with tracking off).
+    """
     from pipeline import data, loop, models, reporting
 
+    paths = paths or RunPaths.of(run_name)
     prepared = data.load_prepared(PREPARED_DIR)
     loop.seed_everything(cfg.seed, cfg.train.deterministic)
     device = loop.resolve_device(cfg.train.device)
@@ -59,37 +83,90 @@ def train(cfg: Config, run_name: str) -> None:
     print(f"[{run_name}] {cfg.model.name}: {models.count_parameters(model):,} parameters on {device}, "
           f"{len(prepared.train)} train / {len(prepared.val)} val images", flush=True)
 
-    callbacks = [loop.ConsoleLog(run_name, cfg.train.epochs)]
-    checkpoints = loop.Checkpoints(CHECKPOINTS_DIR / run_name, cfg.fingerprint())
-    result = loop.fit(model, train_batches, val_batches, cfg.train, device, callbacks, checkpoints)
+    mlflow_name = f"{cfg.model.name}-{cfg.fingerprint()}" if run_name == cfg.model.name \
+        else f"{cfg.model.name}-{run_name}-{cfg.fingerprint()}"
+    with tracked_run(cfg, mlflow_name, prepared.md5, role=run_name) as run:
+        callbacks = [loop.ConsoleLog(run_name, cfg.train.epochs)] + ([run.metrics] if run else [])
+        checkpoints = loop.Checkpoints(paths.checkpoints, cfg.fingerprint())
+        result = loop.fit(model, train_batches, val_batches, cfg.train, device, callbacks, checkpoints)
 
-    models.save_model(model_path(run_name), result.best_state, cfg, prepared.classes, prepared.input_shape,
-                      prepared.mean, prepared.std, run_name=run_name, best_epoch=result.best_epoch)
-    out = train_report_dir(run_name)
-    reporting.write_csv(out / "history.csv", reporting.HISTORY_COLUMNS, reporting.history_rows(result.history))
-    best = result.best
-    reporting.write_json(out / "metrics.json", {
-        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-        "train_accuracy": best.train_accuracy, "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
-        # a train/val gap that keeps growing is the classic overfitting signal
-        "generalization_gap": best.train_accuracy - best.val_accuracy,
-        "params": models.count_parameters(model), "train_seconds": round(sum(m.seconds for m in result.history), 3),
-    })
-    reporting.plot_curves({run_name: result.history}, out / "curves.png")
-    print(f"[{run_name}] best epoch {result.best_epoch}: val_accuracy {best.val_accuracy:.4f} -> {model_path(run_name)}")
+        models.save_model(paths.model, result.best_state, cfg, prepared.classes, prepared.input_shape,
+                          prepared.mean, prepared.std, run_name=run_name, best_epoch=result.best_epoch,
+                          mlflow_run_id=run.run_id if run else "", data_md5=prepared.md5)
+        best = result.best
+        summary = {
+            "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+            "train_accuracy": best.train_accuracy, "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
+            # a train/val gap that keeps growing is the classic over-fitting signal
+            "generalization_gap": best.train_accuracy - best.val_accuracy,
+            "params": models.count_parameters(model),
+            "train_seconds": round(sum(m.seconds for m in result.history), 3),
+        }
+        reporting.write_csv(paths.reports / "history.csv", reporting.HISTORY_COLUMNS,
+                            reporting.history_rows(result.history))
+        reporting.write_json(paths.reports / "metrics.json", summary)
+        reporting.plot_curves({run_name: result.history}, paths.reports / "curves.png")
+        if run:
+            run.log_metrics({f"best_{k}": v for k, v in summary.items()}
+                            | {"tracking_seconds": run.metrics.seconds_spent})
+            run.log_config()
+            run.log_artifacts(paths.reports / "history.csv", paths.reports / "curves.png")
+            if cfg.tracking.log_models:
+                model.load_state_dict(result.best_state)
+                classifier = models.Classifier(model.cpu(), prepared.mean, prepared.std, prepared.classes,
+                                               prepared.input_shape).eval()
+                example = prepared.val.images[:2].float().div(255).numpy()
+                registered = f"{cfg.data.name}-{cfg.model.name}" if run_name == FINAL else None
+                run.log_model(classifier, example, registered)
+    print(f"[{run_name}] best epoch {result.best_epoch}: val_accuracy {best.val_accuracy:.4f} -> {paths.model}")
+    return run.run_id if run else None
+
+
+def tracked_run(cfg: Config, name: str, data_md5: str, role: str, run_id: str | None = None,
+                parent_run_id: str | None = None, finished_on: tuple[type[BaseException], ...] = ()):
+    """An MLflow run (tracking.enabled) or a do-nothing context that yields None."""
+    if not cfg.tracking.enabled:
+        return contextlib.nullcontext(None)
+    from pipeline import tracking
+
+    tags = tracking.lineage_tags(cfg, data_md5, role) if run_id is None else {}
+    return tracking.TrackedRun(cfg, name, tags, run_id=run_id, parent_run_id=parent_run_id, finished_on=finished_on)
+
+
+TUNE_DIR = REPORTS_DIR / "tune"
+
+
+def tune(cfg: Config, worker_args: list[str], worker: bool = False) -> None:
+    """Optuna search over tune.space for model.name -> reports/tune/ (best_params.json, trials, plots)."""
+    from pipeline import tuning
+
+    if not cfg.tune.space:
+        raise UserError("tune.space is empty: declare at least one param to search")
+    if worker:
+        tuning.work(cfg, PREPARED_DIR)
+    else:
+        tuning.tune(cfg, PREPARED_DIR, TUNE_DIR, worker_args)
+
+
+def tuned(cfg: Config, best_params: Path) -> Config:
+    """cfg with the winning values of a search (reports/tune/best_params.json) applied."""
+    from pipeline import reporting
+
+    if not best_params.exists():
+        raise UserError(f"tuned params missing: {best_params} (run `python -m pipeline tune` or `dvc repro tune`)")
+    record = reporting.read_json(best_params)
+    print(f"[final] using trial {record['trial']} of study {record['study']}: {record['params']}")
+    return cfg.with_overrides(record["params"])
 
 
 def evaluate(cfg: Config) -> None:
     """Test-set predictions of every trained model -> scikit-learn metrics and reports."""
-    from pipeline import data, evaluation, loop, models, reporting
+    from pipeline import data, evaluation, loop, reporting
 
     prepared = data.load_prepared(PREPARED_DIR)
     device = loop.resolve_device(cfg.train.device)
     for run_name in evaluated_runs(cfg):
-        model, saved = models.load_model(model_path(run_name))
-        batches = data.eval_batches(prepared.test, saved["mean"], saved["std"], device)
-        labels, probs = loop.predict(model, batches, device)
-        y_true, y_pred = labels.numpy(), probs.argmax(dim=1).numpy()
+        saved, y_true, y_pred = predict_test_set(model_path(run_name), prepared, device)
         metrics = evaluation.classification_metrics(y_true, y_pred)
         text, as_dict = evaluation.report(y_true, y_pred, prepared.classes)
         matrix = evaluation.confusion(y_true, y_pred, prepared.num_classes)
@@ -102,7 +179,37 @@ def evaluate(cfg: Config) -> None:
                             [[name, *row] for name, row in zip(prepared.classes, matrix.tolist())])
         reporting.write_csv(out / "predictions.csv", ["actual", "predicted"],
                             [(prepared.classes[t], prepared.classes[p]) for t, p in zip(y_true, y_pred)])
+        reporting.plot_confusion(matrix, prepared.classes, out / "confusion_matrix.png",
+                                 title=f"{run_name} on {cfg.data.name}: accuracy {metrics['accuracy']:.4f}")
+        _log_test_results(cfg, saved, metrics, out)
         print(f"[{run_name}] test accuracy {metrics['accuracy']:.4f} f1_macro {metrics['f1_macro']:.4f}")
+
+
+def predict_test_set(path: Path, prepared, device) -> tuple[dict, "np.ndarray", "np.ndarray"]:
+    """(saved model payload, true labels, predicted labels) on the test split."""
+    from pipeline import data, loop, models
+
+    model, saved = models.load_model(path)
+    batches = data.eval_batches(prepared.test, saved["mean"], saved["std"], device)
+    labels, probs = loop.predict(model, batches, device)
+    return saved, labels.numpy(), probs.argmax(dim=1).numpy()
+
+
+def _log_test_results(cfg: Config, saved: dict, metrics: dict[str, float], out: Path) -> None:
+    """Attach test metrics and reports to the MLflow run that trained the model."""
+    if not (cfg.tracking.enabled and saved.get("mlflow_run_id")):
+        return
+    import mlflow
+
+    try:
+        with tracked_run(cfg, "", saved.get("data_md5", ""), role="", run_id=saved["mlflow_run_id"]) as run:
+            run.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+            run.log_artifacts(*(out / name for name in ("confusion_matrix.png", "confusion_matrix.csv",
+                                                         "classification_report.txt",
+                                                         "classification_report.json")))
+    except mlflow.exceptions.MlflowException as err:  # e.g. the store was deleted since training
+        print(f"warning: test metrics not logged to MLflow run {saved['mlflow_run_id']}: "
+              f"{str(err).splitlines()[0]}", file=sys.stderr)
 
 
 def report(cfg: Config) -> None:
@@ -160,3 +267,76 @@ def _read_history(path: Path):
         return [EpochMetrics(epoch=int(row["epoch"]), samples_per_s=0.0,
                              **{k: float(row[k]) for k in row if k != "epoch"})
                 for row in csv.DictReader(handle)]
+
+
+def predict(cfg: Config, images: list[str], model_uri: str | None) -> None:
+    """Top-3 classes for image files, from the final local model or an MLflow model URI."""
+    import torch
+
+    from pipeline import datasets, models
+
+    if model_uri:
+        import mlflow.pytorch
+
+        from pipeline import tracking
+
+        tracking.connect(cfg.tracking)
+        try:
+            classifier = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+        except Exception as err:  # noqa: BLE001 - MLflow raises several types for a bad URI
+            raise UserError(f"cannot load model {model_uri}: {str(err).splitlines()[0]}") from None
+    else:
+        classifier = models.load_classifier(model_path(FINAL))
+    channels, height, _ = classifier.input_shape
+    pixels = torch.stack([datasets.load_image(Path(path), channels, height) for path in images]).float().div(255)
+    with torch.inference_mode():
+        probs = classifier(pixels)
+    top = probs.topk(min(3, probs.shape[1]), dim=1)
+    for path, values, indices in zip(images, top.values.tolist(), top.indices.tolist()):
+        ranked = ", ".join(f"{classifier.classes[i]} {p:.3f}" for p, i in zip(values, indices))
+        print(f"{path}: {classifier.classes[indices[0]]}  (top-3: {ranked})")
+
+
+def reproduce(cfg: Config, run_id: str) -> None:
+    """Retrain an MLflow run from its logged config on the same data; compare test metrics exactly."""
+    import tempfile
+
+    import mlflow
+    import yaml
+
+    from pipeline import data, evaluation, loop, tracking
+    from pipeline.config import validate
+
+    client = tracking.connect(cfg.tracking)
+    try:
+        run = client.get_run(run_id)
+        logged = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except mlflow.exceptions.MlflowException as err:
+        raise UserError(f"cannot reproduce run {run_id} from {tracking.tracking_uri(cfg.tracking)}: "
+                        f"{str(err).splitlines()[0]}") from None
+    original = validate(yaml.safe_load(logged), source=f"run {run_id} config.yaml")
+    tags = run.data.tags
+    prepared = data.load_prepared(PREPARED_DIR)
+    if original.data.name != cfg.data.name or prepared.md5 != tags.get("data.md5"):
+        commit = tags.get("mlflow.source.git.commit", "<the run's commit>")
+        raise UserError(f"{PREPARED_DIR} (md5 {prepared.md5}, {cfg.data.name}) is not the data run {run_id} trained "
+                        f"on (md5 {tags.get('data.md5')}, {original.data.name}): run `git checkout {commit} && "
+                        f"dvc checkout {PREPARED_DIR}` (or `dvc repro prepare` there) first")
+
+    retrain = original.with_overrides({"tracking.enabled": False, "train.resume": False})
+    role = tags.get("pipeline.role", original.model.name)
+    with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:  # never touches models/ or reports/
+        paths = RunPaths.of(role, Path(scratch))
+        train(retrain, role, paths)
+        _, y_true, y_pred = predict_test_set(paths.model, prepared, loop.resolve_device(retrain.train.device))
+    new = {f"test_{k}": v for k, v in evaluation.classification_metrics(y_true, y_pred).items()}
+    old = {key: run.data.metrics.get(key) for key in new}
+    print(f"\n{'metric':<26}{'run ' + run_id[:8]:>14}{'reproduced':>14}")
+    for key in new:
+        mark = "" if old[key] == new[key] else "   <- differs"
+        shown = "missing" if old[key] is None else f"{old[key]:.6f}"
+        print(f"{key:<26}{shown:>14}{new[key]:>14.6f}{mark}")
+    differing = [key for key in new if old[key] != new[key]]
+    if differing:
+        raise CheckFailed(f"run {run_id} not reproduced: {', '.join(differing)} differ")
+    print(f"run {run_id} reproduced exactly")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.config import Config, load_config
 
@@ -48,9 +49,9 @@ def digits():
     return data.PreparedData(**splits, classes=classes, mean=mean, std=std)
 
 
-def run_cli(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in `cwd`, the way a DVC stage runs it."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **(env or {})}
     result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
                             capture_output=True, text=True)
     if check and result.returncode != 0:
@@ -82,7 +83,26 @@ def repo_copy(tmp_path: Path) -> Path:
 
 def run_dvc(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real `dvc` CLI, with this interpreter's bin first on PATH so stages find `python -m pipeline`."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("PYTHONPATH", None)  # stages must import the copy's own `pipeline/`
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def edit_params(repo: Path, changes: dict) -> None:
+    """Set dotted keys in repo/params.yaml, e.g. {"train.epochs": 2}."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def tracked_env(tmp_path: Path, monkeypatch) -> dict:
+    """MLFLOW_TRACKING_URI pointing at a real, empty SQLite store of this test (also for this process)."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return {"MLFLOW_TRACKING_URI": uri}

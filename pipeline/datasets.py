@@ -1,0 +1,406 @@
+"""Raw datasets (torchvision downloads or an image folder) decoded to uint8 tensors.
+
+Downloads use torchvision's own mirrors, file names and MD5s, read from its
+dataset classes at call time, but not its download code: `download_url` writes
+straight to the final path and checks the MD5 afterwards, so an interrupted or
+corrupt download is left where a later run finds it. Here every file is written
+to a temporary name, verified, and only then renamed into place; the CIFAR-10
+archive is extracted the same way, member by member checked.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import pickle
+import shutil
+import socket
+import struct
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.datasets.utils import USER_AGENT, calculate_md5
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from pipeline.errors import UserError
+
+TORCHVISION_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+IDX_CLASSES = {"mnist": MNIST, "fashion_mnist": FashionMNIST}
+
+BACKOFF_S = 1.0  # first wait before a retry; doubles every attempt
+TIMEOUT_S = 60.0  # per connect/read, not per file
+CHUNK_BYTES = 1 << 20
+IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    train_images: torch.Tensor  # uint8 [N, C, H, W]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor | None  # None: no official test split
+    test_labels: torch.Tensor | None
+    classes: list[str]
+
+
+# ---------------------------------------------------------------- download
+
+def download(name: str, root: Path, mirror: str | None = None, retries: int = 3) -> list[Path]:
+    """Fetch a torchvision dataset's raw files into `root` (e.g. data/raw/mnist/), verifying every file's official MD5.
+
+    `mirror` (http(s):// or file://) replaces torchvision's mirrors; a file is
+    fetched from `mirror/filename`. Each URL is tried `1 + retries` times on
+    transient errors. Returns the files in `root`, plus the extracted folder
+    for CIFAR-10.
+    """
+    check_dataset_name(name)
+    if mirror is not None and urlsplit(mirror).scheme not in ("http", "https", "file"):
+        raise UserError(f"dataset mirror must be an http://, https:// or file:// URL, got {mirror!r}")
+    if retries < 0:
+        raise UserError(f"download retries must be >= 0, got {retries}")
+    root.mkdir(parents=True, exist_ok=True)
+    if name == "cifar10":
+        urls = [CIFAR10.url] if mirror is None else [mirror_url(mirror, CIFAR10.filename)]
+        archive = fetch_verified(root / CIFAR10.filename, CIFAR10.tgz_md5, urls, retries)
+        folder = root / CIFAR10.base_folder
+        if not cifar_folder_intact(folder):
+            extract_tar(archive, folder)
+        return [archive, folder]
+    dataset = IDX_CLASSES[name]
+    paths = []
+    for filename, md5 in dataset.resources:
+        urls = [base + filename for base in dataset.mirrors] if mirror is None else [mirror_url(mirror, filename)]
+        paths.append(fetch_verified(root / filename, md5, urls, retries))
+    return paths
+
+
+def check_dataset_name(name: str) -> None:
+    if name not in TORCHVISION_DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(TORCHVISION_DATASETS)}")
+
+
+def mirror_url(mirror: str, filename: str) -> str:
+    return mirror.rstrip("/") + "/" + filename
+
+
+def fetch_verified(path: Path, md5: str, urls: list[str], retries: int) -> Path:
+    """`path` with the official `md5`, downloaded from the first of `urls` that works unless already there."""
+    if path.exists():
+        if calculate_md5(path) == md5:
+            return path
+        path.unlink()  # never trusted: a partial or foreign file under the final name
+    failures = []
+    for url in urls:
+        try:
+            fetch_to(path, md5, url, retries)
+            return path
+        except DownloadFailed as error:
+            failures.append(f"{url}: {error}")
+    raise UserError(f"could not download {path.name}: " + "; ".join(failures))
+
+
+class DownloadFailed(Exception):
+    """One URL failed for good (retries spent or a permanent error); the caller may try another mirror."""
+
+
+class IncompleteDownload(Exception):
+    """The connection ended before Content-Length bytes arrived (urllib does not raise for that itself)."""
+
+
+def fetch_to(path: Path, md5: str, url: str, retries: int) -> None:
+    # The temporary name is never looked at again, so whatever a crash leaves of it can't pass as the real file.
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    temp = Path(temp_name)
+    try:
+        fetch_with_retries(url, temp, retries)
+        actual = calculate_md5(temp)
+        if actual != md5:
+            raise UserError(f"MD5 mismatch for {path}: expected {md5}, got {actual} (from {url}); "
+                            "the file was deleted")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def fetch_with_retries(url: str, dest: Path, retries: int) -> None:
+    for attempt in range(retries + 1):
+        try:
+            fetch_once(url, dest)
+            return
+        except (OSError, http.client.HTTPException, IncompleteDownload) as error:
+            last = one_line(error)
+            if not is_transient(error):
+                raise DownloadFailed(last) from error
+        if attempt < retries:
+            wait = BACKOFF_S * 2 ** attempt
+            print(f"retrying {url} in {wait:g}s ({last})", file=sys.stderr)
+            time.sleep(wait)
+    raise DownloadFailed(f"{last} (after {retries + 1} attempts)")
+
+
+def fetch_once(url: str, dest: Path) -> None:
+    print(f"downloading {url}", file=sys.stderr)
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, dest.open("wb") as out:
+        expected = response.headers.get("Content-Length")
+        received = 0
+        while chunk := response.read(CHUNK_BYTES):
+            out.write(chunk)
+            received += len(chunk)
+    if expected is not None and received != int(expected):
+        raise IncompleteDownload(f"connection closed after {received} of {expected} bytes")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth another try: timeouts, dropped connections, HTTP 5xx (and 408/429); not 404 or a missing local file."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code >= 500 or error.code in (408, 429)
+    if isinstance(error, urllib.error.URLError):
+        error = error.reason
+    return isinstance(error, (TimeoutError, ConnectionError, socket.gaierror, http.client.HTTPException,
+                              IncompleteDownload))
+
+
+def one_line(error: BaseException | str) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# ---------------------------------------------------------------- CIFAR-10 archive
+
+def extract_tar(archive: Path, folder: Path) -> None:
+    """Extract the archive's `folder.name/` into `folder`, refusing members that could land outside it.
+
+    Extraction goes to a temporary sibling that is renamed into place at the
+    end, so an interrupted one leaves no `folder` for a later run to accept.
+    """
+    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".part"))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                members = tar.getmembers()
+                for member in members:
+                    check_member(member, archive)
+                if hasattr(tarfile, "data_filter"):  # PEP 706 (Python 3.11.4+): a second line of defence
+                    tar.extractall(temp, members=members, filter="data")
+                else:
+                    tar.extractall(temp, members=members)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+            raise UserError(f"cannot extract {archive}: {one_line(error)}") from error
+        extracted = temp / folder.name
+        if not extracted.is_dir():
+            raise UserError(f"{archive} holds no {folder.name}/ folder")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(extracted, folder)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    """Only plain files and folders, with relative paths that stay inside the target folder."""
+    # Backslashes and drive letters are checked too, so the same archive is refused on every OS.
+    name = member.name.replace("\\", "/")
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or (parts and ":" in parts[0]):
+        reason = "has an absolute path"
+    elif ".." in parts:
+        reason = "points outside the target folder"
+    elif member.issym() or member.islnk():
+        reason = "is a link"
+    elif not (member.isfile() or member.isdir()):
+        reason = "is a device, FIFO or other special file"
+    else:
+        return
+    raise UserError(f"refusing to extract {archive}: member {member.name!r} {reason}")
+
+
+def cifar_folder_intact(folder: Path) -> bool:
+    return all(path.is_file() and calculate_md5(path) == md5 for path, md5 in cifar_files(folder))
+
+
+def cifar_files(folder: Path) -> list[tuple[Path, str]]:
+    """Every extracted CIFAR-10 file with its official MD5 (read from torchvision now, so tests can patch it)."""
+    listed = [*CIFAR10.train_list, *CIFAR10.test_list, (CIFAR10.meta["filename"], CIFAR10.meta["md5"])]
+    return [(folder / filename, md5) for filename, md5 in listed]
+
+
+# ---------------------------------------------------------------- decode downloads
+
+def load_raw(name: str, root: Path) -> RawDataset:
+    """Decode downloaded raw files into RawDataset (official train and test splits)."""
+    check_dataset_name(name)
+    if name == "cifar10":
+        return load_cifar10(root / CIFAR10.base_folder)
+    dataset = IDX_CLASSES[name]
+    train_images_file, train_labels_file, test_images_file, test_labels_file = dataset.resources
+    train_images, train_labels = load_idx_split(root, train_images_file, train_labels_file)
+    test_images, test_labels = load_idx_split(root, test_images_file, test_labels_file)
+    return RawDataset(train_images, train_labels, test_images, test_labels, list(dataset.classes))
+
+
+def load_idx_split(root: Path, images_file: tuple[str, str], labels_file: tuple[str, str]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 [N, 1, 28, 28] and labels int64 [N] from a (filename, md5) pair of gzip'd IDX files."""
+    images_path, labels_path = root / images_file[0], root / labels_file[0]
+    images = read_idx(verified_bytes(images_path, images_file[1]), images_path)
+    labels = read_idx(verified_bytes(labels_path, labels_file[1]), labels_path)
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise UserError(f"{images_path} {tuple(images.shape)} does not match {labels_path} {tuple(labels.shape)}")
+    return images.unsqueeze(1), labels.long()
+
+
+def verified_bytes(path: Path, md5: str) -> bytes:
+    """The file's bytes, read once and checked against the official MD5, so what is decoded is what was verified."""
+    if not path.is_file():
+        raise UserError(f"raw dataset file missing: {path} (download it first)")
+    blob = path.read_bytes()
+    actual = hashlib.md5(blob, usedforsecurity=False).hexdigest()
+    if actual != md5:
+        raise UserError(f"MD5 mismatch for {path}: expected {md5}, got {actual}; delete it and download again")
+    return blob
+
+
+def read_idx(gz_blob: bytes, path: Path) -> torch.Tensor:
+    """A gzip'd IDX file of unsigned bytes (MNIST's format) as a uint8 tensor.
+
+    torchvision's `read_sn3_pascalvincent_tensor` opens only uncompressed
+    files, by path (despite its docstring), and validates with `assert`,
+    hence this small reader.
+    """
+    data = gzip.decompress(gz_blob)
+    ndim = data[3] if len(data) >= 4 else 0
+    if data[:3] != b"\0\0\x08" or ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise UserError(f"{path}: IDX body holds {len(body)} bytes, its header says {shape}")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*shape)
+
+
+def load_cifar10(folder: Path) -> RawDataset:
+    # Unpickling runs code chosen by whoever wrote the file, so only bytes matching the official MD5s are unpickled.
+    def unpickle(filename: str, md5: str) -> dict:
+        return pickle.loads(verified_bytes(folder / filename, md5), encoding="bytes")
+
+    def batches(listed: list) -> tuple[torch.Tensor, torch.Tensor]:
+        entries = [unpickle(filename, md5) for filename, md5 in listed]
+        images = np.concatenate([np.asarray(entry[b"data"], dtype=np.uint8) for entry in entries])
+        labels = np.concatenate([np.asarray(entry[b"labels"], dtype=np.int64) for entry in entries])
+        return torch.from_numpy(images.reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
+
+    train_images, train_labels = batches(CIFAR10.train_list)
+    test_images, test_labels = batches(CIFAR10.test_list)
+    names = unpickle(CIFAR10.meta["filename"], CIFAR10.meta["md5"])[CIFAR10.meta["key"].encode()]
+    classes = [name.decode() if isinstance(name, bytes) else name for name in names]
+    return RawDataset(train_images, train_labels, test_images, test_labels, classes)
+
+
+# ---------------------------------------------------------------- image folders
+
+def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: bool) -> RawDataset:
+    """ImageFolder-style dir (one sub-folder per class) decoded to tensors; test_* are None (no official test split).
+
+    Classes are the sub-folders sorted by name, as in torchvision's
+    ImageFolder; files without an image extension (.txt, .DS_Store) are ignored.
+    """
+    image_mode(channels)
+    if not path.is_dir():
+        raise UserError(f"image folder not found: {path}")
+    classes = sorted(entry.name for entry in path.iterdir() if entry.is_dir())
+    if len(classes) < 2:
+        raise UserError(f"{path} needs at least 2 class sub-folders, found {len(classes)}")
+    files = {name: image_files(path / name) for name in classes}
+    for name, paths in files.items():
+        if not paths:
+            raise UserError(f"class folder {path / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    paths = [file for name in classes for file in files[name]]
+    labels = [label for label, name in enumerate(classes) for _ in files[name]]
+    decoded = decode_images(paths, channels, image_size, skip_bad_images)
+    kept = [(image, label) for image, label in zip(decoded, labels) if image is not None]
+    skipped = [file for file, image in zip(paths, decoded) if image is None]
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) in {path} (first: {skipped[0]})", file=sys.stderr)
+        emptied = sorted(set(range(len(classes))) - {label for _, label in kept})
+        if emptied:
+            raise UserError(f"class folder {path / classes[emptied[0]]} holds no readable images")
+    images, kept_labels = zip(*kept)
+    return RawDataset(torch.stack(images), torch.tensor(kept_labels), None, None, classes)
+
+
+def image_files(folder: Path) -> list[Path]:
+    # Recursive and sorted, like ImageFolder's make_dataset.
+    return sorted(path for path in folder.rglob("*")
+                  if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS))
+
+
+def decode_images(paths: list[Path], channels: int, image_size: int,
+                  skip_bad_images: bool) -> list[torch.Tensor | None]:
+    """Decoded images in order; None for an unreadable one when skipping.
+
+    One thread: Pillow 13 keeps the GIL while decoding JPEG/PNG, so a thread
+    pool measured no faster.
+    """
+    decoded = []
+    for path in paths:
+        try:
+            decoded.append(load_image(path, channels, image_size))
+        except UserError:
+            if not skip_bad_images:
+                raise
+            decoded.append(None)
+    return decoded
+
+
+def load_image(path: Path, channels: int, image_size: int) -> torch.Tensor:
+    """One image file of any size/mode (PNG/JPEG; L, RGB, RGBA, P) -> uint8 [C, H, W] converted like the training data.
+
+    Mode L for 1 channel, RGB for 3; resized (not cropped) to image_size x
+    image_size. Raises UserError naming the path for a missing/non-image/corrupt file.
+    """
+    mode = image_mode(channels)
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF: use the image as people see it
+            image = to_mode(image, mode)
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return pil_to_tensor(image)
+    except FileNotFoundError as error:
+        raise UserError(f"image not found: {path}") from error
+    # Decoders of broken files raise a zoo of exception types; all of them mean "bad file".
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+            Image.DecompressionBombError) as error:
+        raise UserError(f"cannot read image {path}: {one_line(error)}") from error
+
+
+def image_mode(channels: int) -> str:
+    if channels not in IMAGE_MODES:
+        raise UserError(f"image channels must be 1 or 3, got {channels}")
+    return IMAGE_MODES[channels]
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode.startswith("I;16"):
+        # Pillow's convert clips 16-bit values to 255 (nearly all white); keep the top 8 bits instead.
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    if image.mode not in ("L", "RGB"):
+        # Palette, alpha, CMYK, bilevel...: through RGB first, so L comes from real colours (alpha is dropped,
+        # as torchvision's ImageFolder loader does).
+        image = image.convert("RGB")
+    return image if image.mode == mode else image.convert(mode)

@@ -1,0 +1,461 @@
+"""Downloads and decoding of raw datasets, without internet.
+
+Fake files in the official formats are served by a real HTTP server on
+127.0.0.1 (or a file:// folder), and torchvision's expected MD5s are patched,
+in this process only, to the MD5s of those files.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
+
+from archives import CIFAR_CLASSES, FakeDataset, cifar10_archive, file_info, md5, mnist_files, tar_gz
+from pipeline import datasets
+from pipeline.errors import UserError
+
+MNIST_FILES = [filename for filename, _ in MNIST.resources]
+
+
+# ---------------------------------------------------------------- a local mirror
+
+class Mirror:
+    """What the local server serves: `files` by name, with scripted misbehaviour per name, counting requests.
+
+    A script step is an HTTP status to answer with, "truncate" (announce the
+    full length, send half, close) or "nolength" (send half without a length).
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.files: dict[str, bytes] = {}
+        self.script: dict[str, list] = {}
+        self.requests: Counter[str] = Counter()
+
+
+class MirrorHandler(BaseHTTPRequestHandler):
+    timeout = 5  # a stuck client can't hold a server thread for long
+
+    def do_GET(self):
+        mirror: Mirror = self.server.mirror
+        name = self.path.lstrip("/")
+        mirror.requests[name] += 1
+        steps = mirror.script.get(name)
+        step = steps.pop(0) if steps else "ok"
+        blob = mirror.files.get(name)
+        if isinstance(step, int) or blob is None:
+            self.send_error(step if isinstance(step, int) else 404)
+            return
+        body = blob if step == "ok" else blob[:len(blob) // 2]
+        self.send_response(200)
+        if step != "nolength":
+            self.send_header("Content-Length", str(len(blob)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MirrorHandler)
+    server.mirror = Mirror(f"http://127.0.0.1:{server.server_port}")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.mirror
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(datasets, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(datasets, "TIMEOUT_S", 5.0)
+
+
+@pytest.fixture(scope="module")
+def fake_mnist() -> FakeDataset:
+    return mnist_files(n_train=60, n_test=20)
+
+
+@pytest.fixture(scope="module")
+def fake_cifar() -> FakeDataset:
+    return cifar10_archive(per_batch=6, n_test=10)
+
+
+def publish_idx(monkeypatch, mirror: Mirror, dataset_class: type, fake: FakeDataset) -> None:
+    mirror.files.update(fake.files)
+    monkeypatch.setattr(dataset_class, "resources", [(name, fake.md5(name)) for name, _ in dataset_class.resources])
+
+
+def publish_cifar(monkeypatch, mirror: Mirror, fake: FakeDataset) -> None:
+    mirror.files.update(fake.files)
+    monkeypatch.setattr(CIFAR10, "tgz_md5", fake.md5(CIFAR10.filename))
+    monkeypatch.setattr(CIFAR10, "train_list", [[name, md5(fake.members[name])] for name, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5(fake.members["test_batch"])]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(fake.members["batches.meta"])})
+
+
+def publish_archive(monkeypatch, mirror: Mirror, archive: bytes) -> None:
+    mirror.files[CIFAR10.filename] = archive
+    monkeypatch.setattr(CIFAR10, "tgz_md5", md5(archive))
+
+
+def assert_one_line_error(error: pytest.ExceptionInfo, *parts: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+# ---------------------------------------------------------------- download + load_raw
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_download_and_load_round_trip(name, mirror, fake_mnist, fake_cifar, monkeypatch, tmp_path):
+    if name == "cifar10":
+        fake, classes, shape = fake_cifar, CIFAR_CLASSES, (3, 32, 32)
+        publish_cifar(monkeypatch, mirror, fake)
+    else:
+        dataset_class = MNIST if name == "mnist" else FashionMNIST
+        fake, classes, shape = fake_mnist, dataset_class.classes, (1, 28, 28)
+        publish_idx(monkeypatch, mirror, dataset_class, fake)
+    root = tmp_path / "raw" / name
+
+    paths = datasets.download(name, root, mirror=mirror.url)
+    assert all(path.exists() and path.parent == root for path in paths)
+    raw = datasets.load_raw(name, root)
+
+    assert raw.train_images.dtype == torch.uint8 and raw.train_images.shape == (len(fake.train_labels), *shape)
+    assert raw.test_images.dtype == torch.uint8 and raw.test_images.shape == (len(fake.test_labels), *shape)
+    assert raw.train_labels.dtype == raw.test_labels.dtype == torch.int64
+    assert torch.equal(raw.train_images, fake.train_images) and torch.equal(raw.train_labels, fake.train_labels)
+    assert torch.equal(raw.test_images, fake.test_images) and torch.equal(raw.test_labels, fake.test_labels)
+    assert raw.classes == list(classes)
+    assert not [path for path in files_under(root) if path.endswith(".part")]
+
+
+def test_file_mirror(fake_mnist, monkeypatch, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    for name, blob in fake_mnist.files.items():
+        (served / name).write_bytes(blob)
+    monkeypatch.setattr(MNIST, "resources", [(name, fake_mnist.md5(name)) for name in MNIST_FILES])
+
+    datasets.download("mnist", tmp_path / "raw", mirror=served.as_uri() + "/")
+    assert torch.equal(datasets.load_raw("mnist", tmp_path / "raw").train_images, fake_mnist.train_images)
+
+
+def test_torchvision_mirrors_are_tried_in_order(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    monkeypatch.setattr(MNIST, "mirrors", [f"{mirror.url}/gone/", f"{mirror.url}/"])
+
+    datasets.download("mnist", tmp_path, retries=3)
+    for name in MNIST_FILES:
+        assert mirror.requests[f"gone/{name}"] == 1  # a 404 is not retried: the next mirror is
+        assert mirror.requests[name] == 1
+
+
+def test_wrong_bytes_are_deleted_and_reported(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    name = MNIST_FILES[0]
+    mirror.files[name] = b"<html>a captive portal</html>"
+
+    with pytest.raises(UserError) as error:
+        datasets.download("mnist", tmp_path, mirror=mirror.url)
+    assert_one_line_error(error, name, fake_mnist.md5(name), md5(mirror.files[name]), f"{mirror.url}/{name}")
+    assert files_under(tmp_path) == []  # neither the final name nor a temporary file a later run could take
+
+    mirror.files[name] = fake_mnist.files[name]
+    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    assert mirror.requests[name] == 2
+
+
+def test_truncated_download_is_retried_then_refused(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    name = MNIST_FILES[0]
+    mirror.script[name] = ["truncate"] * 10
+
+    with pytest.raises(UserError) as error:
+        datasets.download("mnist", tmp_path, mirror=mirror.url, retries=2)
+    assert_one_line_error(error, f"{mirror.url}/{name}", "closed after", "after 3 attempts")
+    assert mirror.requests[name] == 3
+    assert files_under(tmp_path) == []
+
+
+def test_truncated_download_succeeds_on_retry(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    mirror.script[MNIST_FILES[0]] = ["truncate"]
+
+    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    assert mirror.requests[MNIST_FILES[0]] == 2
+    assert torch.equal(datasets.load_raw("mnist", tmp_path).train_images, fake_mnist.train_images)
+
+
+def test_truncation_without_a_length_is_caught_by_the_md5(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    name = MNIST_FILES[0]
+    mirror.script[name] = ["nolength"]
+
+    with pytest.raises(UserError) as error:
+        datasets.download("mnist", tmp_path, mirror=mirror.url)
+    assert_one_line_error(error, "MD5 mismatch", name, fake_mnist.md5(name))
+    assert files_under(tmp_path) == []
+
+
+def test_server_errors_are_retried(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    mirror.script[MNIST_FILES[1]] = [500, 503]
+
+    datasets.download("mnist", tmp_path, mirror=mirror.url, retries=3)
+    assert mirror.requests[MNIST_FILES[1]] == 3
+
+
+def test_persistent_server_errors_give_up(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    name = MNIST_FILES[0]
+    mirror.script[name] = [500] * 10
+
+    with pytest.raises(UserError) as error:
+        datasets.download("mnist", tmp_path, mirror=mirror.url, retries=2)
+    assert_one_line_error(error, f"{mirror.url}/{name}", "500", "after 3 attempts")
+    assert mirror.requests[name] == 3
+
+
+def test_not_found_is_not_retried(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    name = MNIST_FILES[0]
+    del mirror.files[name]
+
+    with pytest.raises(UserError) as error:
+        datasets.download("mnist", tmp_path, mirror=mirror.url, retries=5)
+    assert_one_line_error(error, f"{mirror.url}/{name}", "404")
+    assert mirror.requests[name] == 1
+    assert files_under(tmp_path) == []
+
+
+def test_verified_files_are_not_fetched_again_and_bad_ones_are(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    assert all(mirror.requests[name] == 1 for name in MNIST_FILES)
+
+    (tmp_path / MNIST_FILES[2]).write_bytes(b"partial")
+    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    assert [mirror.requests[name] for name in MNIST_FILES] == [1, 1, 2, 1]
+    assert (tmp_path / MNIST_FILES[2]).read_bytes() == fake_mnist.files[MNIST_FILES[2]]
+
+
+def test_load_raw_refuses_files_that_are_not_the_official_ones(mirror, fake_mnist, monkeypatch, tmp_path):
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    with pytest.raises(UserError) as error:
+        datasets.load_raw("mnist", tmp_path)
+    assert_one_line_error(error, "missing", MNIST_FILES[0])
+
+    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    (tmp_path / MNIST_FILES[1]).write_bytes(b"tampered")
+    with pytest.raises(UserError) as error:
+        datasets.load_raw("mnist", tmp_path)
+    assert_one_line_error(error, "MD5 mismatch", MNIST_FILES[1])
+
+
+def test_tampered_cifar_batch_is_never_unpickled_and_download_repairs_it(mirror, fake_cifar, monkeypatch, tmp_path):
+    publish_cifar(monkeypatch, mirror, fake_cifar)
+    datasets.download("cifar10", tmp_path, mirror=mirror.url)
+    batch = tmp_path / CIFAR10.base_folder / "data_batch_3"
+    batch.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")  # a pickle that would run a shell command
+
+    with pytest.raises(UserError) as error:
+        datasets.load_raw("cifar10", tmp_path)
+    assert_one_line_error(error, "MD5 mismatch", str(batch))
+
+    datasets.download("cifar10", tmp_path, mirror=mirror.url)
+    assert mirror.requests[CIFAR10.filename] == 1  # re-extracted from the verified archive, not fetched again
+    assert torch.equal(datasets.load_raw("cifar10", tmp_path).train_images, fake_cifar.train_images)
+
+
+def test_bad_arguments_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown dataset"):
+        datasets.download("imagenet", tmp_path)
+    with pytest.raises(UserError, match="mirror"):
+        datasets.download("mnist", tmp_path, mirror="ftp://example.com/mnist")
+    with pytest.raises(UserError, match="unknown dataset"):
+        datasets.load_raw("svhn", tmp_path)
+
+
+# ---------------------------------------------------------------- hostile archives
+
+def hostile_archive(member: tarfile.TarInfo, blob: bytes | None = None) -> bytes:
+    good = b"fine"
+    return tar_gz([(file_info("cifar-10-batches-py/data_batch_1", len(good)), good), (member, blob)])
+
+
+def hostile_members(outside: Path) -> dict[str, tuple[tarfile.TarInfo, bytes | None]]:
+    evil = b"evil"
+    return {
+        "dotdot": (file_info("cifar-10-batches-py/../../evil", len(evil)), evil),
+        "absolute": (file_info(str(outside / "evil"), len(evil)), evil),
+        "symlink": (file_info("cifar-10-batches-py/link", kind=tarfile.SYMTYPE, linkname=str(outside)), None),
+        "hardlink": (file_info("cifar-10-batches-py/hard", kind=tarfile.LNKTYPE, linkname="/etc/passwd"), None),
+        "device": (file_info("cifar-10-batches-py/dev", kind=tarfile.CHRTYPE), None),
+    }
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device"])
+def test_hostile_tar_members_are_refused(kind, mirror, monkeypatch, tmp_path):
+    outside, root = tmp_path / "outside", tmp_path / "work" / "raw"
+    member, blob = hostile_members(outside)[kind]
+    publish_archive(monkeypatch, mirror, hostile_archive(member, blob))
+
+    with pytest.raises(UserError) as error:
+        datasets.download("cifar10", root, mirror=mirror.url)
+    assert_one_line_error(error, repr(member.name), "refusing")
+    assert files_under(tmp_path) == ["work", "work/raw", f"work/raw/{CIFAR10.filename}"]
+
+
+def test_broken_archive_leaves_no_folder(mirror, fake_cifar, monkeypatch, tmp_path):
+    archive = fake_cifar.files[CIFAR10.filename]
+    publish_archive(monkeypatch, mirror, archive[:len(archive) // 2])  # "official" MD5, yet a cut-off gzip stream
+
+    with pytest.raises(UserError) as error:
+        datasets.download("cifar10", tmp_path, mirror=mirror.url)
+    assert_one_line_error(error, "cannot extract", CIFAR10.filename)
+    assert files_under(tmp_path) == [CIFAR10.filename]
+
+
+# ---------------------------------------------------------------- image folders
+
+def save(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def palette_image(size: tuple[int, int]) -> Image.Image:
+    image = Image.new("P", size)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, 1 blue
+    image.paste(1, (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    noise = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    save(Image.new("L", (20, 30), 90), folder / "dog" / "grey.png")
+    save(Image.fromarray(noise), folder / "dog" / "photo.jpg")
+    save(Image.new("RGBA", (10, 10), (255, 0, 0, 128)), folder / "dog" / "nested" / "alpha.png")
+    save(palette_image((64, 64)), folder / "cat" / "palette.png")
+    save(Image.new("RGB", (16, 16), (0, 128, 255)), folder / "cat" / "exact.png")
+    save(Image.new("L", (100, 7), 200), folder / "cat" / "wide.jpeg")
+    (folder / "cat" / "notes.txt").write_text("not an image")
+    (folder / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "README.md").write_text("a file next to the class folders")
+    return folder
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_load_folder_decodes_mixed_images(channels, image_folder):
+    raw = datasets.load_folder(image_folder, channels=channels, image_size=16, skip_bad_images=False)
+
+    assert raw.classes == ["cat", "dog"]
+    assert raw.train_images.dtype == torch.uint8 and raw.train_images.shape == (6, channels, 16, 16)
+    assert raw.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert raw.test_images is None and raw.test_labels is None
+    # the same conversion as a single image at predict time, in the same (sorted) order
+    files = ["cat/exact.png", "cat/palette.png", "cat/wide.jpeg", "dog/grey.png", "dog/nested/alpha.png",
+             "dog/photo.jpg"]
+    for image, name in zip(raw.train_images, files):
+        assert torch.equal(image, datasets.load_image(image_folder / name, channels, 16))
+
+
+def test_load_image_converts_modes_through_rgb(image_folder):
+    alpha = datasets.load_image(image_folder / "dog" / "nested" / "alpha.png", 3, 4)
+    assert alpha[:, 0, 0].tolist() == [255, 0, 0]  # alpha dropped, colour kept
+    palette = datasets.load_image(image_folder / "cat" / "palette.png", 1, 64)
+    assert palette[0, 0, 0] == 29 and palette[0, 0, -1] == 76  # blue and red as luminance, not palette indices
+    grey = datasets.load_image(image_folder / "dog" / "grey.png", 3, 8)
+    assert grey.shape == (3, 8, 8) and (grey == 90).all()
+
+
+def test_load_image_scales_16_bit_greys(tmp_path):
+    path = save(Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)), tmp_path / "deep.png")
+    assert (datasets.load_image(path, 1, 4) == 40000 >> 8).all()
+
+
+def test_corrupt_image_is_an_error_naming_it(image_folder):
+    bad = image_folder / "dog" / "broken.png"
+    bad.write_bytes((image_folder / "cat" / "palette.png").read_bytes()[:60])
+    with pytest.raises(UserError) as error:
+        datasets.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=False)
+    assert_one_line_error(error, str(bad))
+
+
+def test_corrupt_images_can_be_skipped(image_folder, capsys):
+    (image_folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    raw = datasets.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=True)
+    assert raw.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert "skipped 1 unreadable image" in capsys.readouterr().err
+
+
+def test_a_class_with_only_unreadable_images_is_an_error(image_folder):
+    (image_folder / "bird").mkdir()
+    (image_folder / "bird" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UserError) as error:
+        datasets.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=True)
+    assert_one_line_error(error, str(image_folder / "bird"), "no readable images")
+
+
+def test_empty_class_folder_is_an_error(image_folder):
+    (image_folder / "bird").mkdir()
+    (image_folder / "bird" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError) as error:
+        datasets.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=False)
+    assert_one_line_error(error, str(image_folder / "bird"), "no images")
+
+
+def test_fewer_than_two_classes_or_no_folder_is_an_error(tmp_path):
+    save(Image.new("L", (8, 8)), tmp_path / "images" / "only" / "a.png")
+    with pytest.raises(UserError, match="at least 2 class"):
+        datasets.load_folder(tmp_path / "images", channels=1, image_size=8, skip_bad_images=False)
+    with pytest.raises(UserError, match="not found"):
+        datasets.load_folder(tmp_path / "missing", channels=1, image_size=8, skip_bad_images=False)
+
+
+def test_load_image_names_missing_and_non_image_files(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for path in (text, tmp_path / "missing.png"):
+        with pytest.raises(UserError) as error:
+            datasets.load_image(path, 3, 16)
+        assert_one_line_error(error, str(path))
+    with pytest.raises(UserError, match="channels"):
+        datasets.load_image(text, 2, 16)
+
+
+def test_load_image_applies_exif_rotation(tmp_path):
+    image = Image.new("L", (40, 20), 255)
+    image.paste(0, (0, 0, 20, 20))  # left half black
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown rotated 90 degrees clockwise, so the left half is on top
+    image.save(tmp_path / "phone.jpg", exif=exif)
+
+    shown = datasets.load_image(tmp_path / "phone.jpg", 1, 20)[0].float()
+    assert shown[:8].mean() < 30 and shown[-8:].mean() > 225
