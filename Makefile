@@ -24,14 +24,9 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
-# Both UIs on 127.0.0.1 against the repo's stores; Ctrl-C stops both.
+# mlflow ui and optuna-dashboard on 127.0.0.1 against the repo's stores; Ctrl-C stops both.
 ui: install
-	@echo "MLflow UI:        http://127.0.0.1:5000"
-	@echo "Optuna dashboard: http://127.0.0.1:8080"
-	@trap 'kill 0' INT TERM EXIT; \
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 & \
-	optuna-dashboard sqlite:///$(CURDIR)/optuna.db --host 127.0.0.1 --port 8080 & \
-	wait
+	python -m pipeline ui
 
 bench: install
 	python benchmarks/tracking_overhead.py

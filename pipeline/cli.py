@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("download", parents=[common], help="fetch raw files (torchvision datasets) -> data/raw/NAME/")
     commands.add_parser("prepare", parents=[common], help="split the dataset into train/val/test tensors")
     train = commands.add_parser("train", parents=[common], help="train one model with the shared loop")
     who = train.add_mutually_exclusive_group()
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", parents=[common],
                                     help="retrain an MLflow run from its config; exit 0 only if test metrics match")
     reproduce.add_argument("run_id")
+    ui = commands.add_parser("ui", parents=[common], help="mlflow ui + optuna-dashboard on 127.0.0.1 (Ctrl-C stops)")
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--optuna-port", type=int, default=8080)
     return parser
 
 
@@ -75,7 +79,9 @@ def run(args: argparse.Namespace) -> None:
     from pipeline.config import load_config
 
     cfg = load_config(args.params, args.overrides)
-    if args.command == "prepare":
+    if args.command == "download":
+        stages.download(cfg)
+    elif args.command == "prepare":
         stages.prepare(cfg)
     elif args.command == "train":
         if args.model:
@@ -96,3 +102,5 @@ def run(args: argparse.Namespace) -> None:
         stages.predict(cfg, args.images, args.model_uri)
     elif args.command == "reproduce":
         stages.reproduce(cfg, args.run_id)
+    elif args.command == "ui":
+        stages.ui(cfg, args.mlflow_port, args.optuna_port)

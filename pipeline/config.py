@@ -32,10 +32,21 @@ class AugmentConfig(Section):
 
 class DataConfig(Section):
     name: DatasetName = "digits"
-    path: str | None = Field(None, description="image folder for data.name=folder")
+    path: str | None = Field(None, description="image folder (one sub-folder per class) for data.name=folder")
+    mirror: str | None = Field(None, description="base URL (http(s):// or file://) replacing torchvision's mirrors")
+    retries: int = Field(3, ge=0, le=10, description="download retries per file on transient errors")
+    image_size: int = Field(32, ge=4, le=1024, description="folder images are resized to this square size")
+    channels: Literal[1, 3] = Field(3, description="folder images are converted to L (1) or RGB (3)")
+    skip_bad_images: bool = Field(False, description="skip unreadable folder images (counted) instead of failing")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for datasets without an official test split")
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> DataConfig:
+        if self.name == "folder" and not self.path:
+            raise ValueError("data.path is required when data.name is folder")
+        return self
 
 
 class ModelConfig(Section):

@@ -343,6 +343,18 @@ def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: boo
     return RawDataset(torch.stack(images), torch.tensor(kept_labels), None, None, classes)
 
 
+def folder_manifest(folder: Path) -> dict:
+    """Every image of an image folder with its size and MD5: what DVC tracks for a folder outside the repo."""
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    files = image_files(folder)
+    if not files:
+        raise UserError(f"image folder has no images: {folder}")
+    return {"source": str(folder.resolve()),
+            "files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "md5": calculate_md5(str(p))}
+                      for p in files}}
+
+
 def image_files(folder: Path) -> list[Path]:
     # Recursive and sorted, like ImageFolder's make_dataset.
     return sorted(path for path in folder.rglob("*")

@@ -104,6 +104,21 @@ def plot_confusion(matrix, classes: Sequence[str], path: Path, title: str) -> No
     save_figure(fig, path)
 
 
+def plot_samples(images, labels: Sequence[str], path: Path, title: str) -> None:
+    """A 3x3 grid of uint8 [N, C, H, W] images with their class names, like the tutorials' matplotlib grid."""
+    plt = pyplot()
+    fig, axes = plt.subplots(3, 3, figsize=(6, 6.4))
+    for ax, image, label in zip(axes.flat, images, labels):
+        pixels = image.permute(1, 2, 0).numpy()
+        ax.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray", interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_figure(fig, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

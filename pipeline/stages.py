@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.errors import CheckFailed, UserError
 
+RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
 MODELS_DIR = Path("models")
 CHECKPOINTS_DIR = Path("checkpoints")
@@ -54,15 +55,55 @@ def evaluated_runs(cfg: Config) -> list[str]:
     return [*cfg.models, FINAL]
 
 
-def prepare(cfg: Config) -> None:
-    from pipeline import data
+def raw_dir(cfg: Config) -> Path:
+    return RAW_DIR / cfg.data.name
 
-    if cfg.data.name != "digits":
-        raise UserError(f"data.name={cfg.data.name!r} is not available yet; use 'digits'")
-    images, labels, classes = data.load_digits_raw()
-    splits = data.split_dataset(images, labels, cfg.data, cfg.seed)
-    meta = data.save_prepared(PREPARED_DIR, splits, classes, source="sklearn.datasets.load_digits")
-    print(f"prepared {cfg.data.name}: {meta['sizes']} images of shape {meta['shape']} -> {PREPARED_DIR}")
+
+def download(cfg: Config) -> None:
+    """Fetch raw files (torchvision datasets, MD5-verified) or record what a bundled/local dataset holds."""
+    from pipeline import datasets, reporting
+
+    out = raw_dir(cfg)
+    if cfg.data.name in datasets.TORCHVISION_DATASETS:
+        files = datasets.download(cfg.data.name, out, cfg.data.mirror, cfg.data.retries)
+        print(f"downloaded and verified {cfg.data.name}: {', '.join(path.name for path in files)} -> {out}")
+        return
+    if cfg.data.name == "folder":
+        # DVC sees a folder outside the repo only through this manifest: re-run `download` after changing it.
+        manifest = datasets.folder_manifest(Path(cfg.data.path))
+    else:
+        import sklearn
+
+        manifest = {"source": "sklearn.datasets.load_digits (bundled with scikit-learn)",
+                    "scikit-learn": sklearn.__version__}
+    reporting.write_json(out / "manifest.json", manifest)
+    print(f"{cfg.data.name}: nothing to download; manifest -> {out / 'manifest.json'}")
+
+
+def prepare(cfg: Config) -> None:
+    """Decode once into uint8 tensors with a seeded, stratified train/val(/test) split, plus a sample grid."""
+    from pipeline import data, datasets, reporting
+
+    name = cfg.data.name
+    if name == "digits":
+        images, labels, classes = data.load_digits_raw()
+        splits = data.split_dataset(images, labels, cfg.data, cfg.seed)
+        source = "sklearn.datasets.load_digits"
+    else:
+        if name == "folder":
+            raw = datasets.load_folder(Path(cfg.data.path), cfg.data.channels, cfg.data.image_size,
+                                       cfg.data.skip_bad_images)
+            source = str(Path(cfg.data.path).resolve())
+        else:
+            raw = datasets.load_raw(name, raw_dir(cfg))
+            source = f"torchvision.datasets ({name}), verified MD5s"
+        test = data.Split(raw.test_images, raw.test_labels) if raw.test_images is not None else None
+        splits = data.split_dataset(raw.train_images, raw.train_labels, cfg.data, cfg.seed, test=test)
+        classes = raw.classes
+    meta = data.save_prepared(PREPARED_DIR, splits, classes, source=source)
+    reporting.plot_samples(splits["train"].images[:9], [classes[i] for i in splits["train"].labels[:9].tolist()],
+                           REPORTS_DIR / "data" / "samples.png", title=f"{name}: training samples")
+    print(f"prepared {name}: {meta['sizes']} images of shape {meta['shape']} -> {PREPARED_DIR}")
 
 
 def train(cfg: Config, run_name: str, paths: RunPaths | None = None) -> str | None:
@@ -74,12 +115,8 @@ def train(cfg: Config, run_name: str, paths: RunPaths | None = None) -> str | No
 
     paths = paths or RunPaths.of(run_name)
     prepared = data.load_prepared(PREPARED_DIR)
-    loop.seed_everything(cfg.seed, cfg.train.deterministic)
     device = loop.resolve_device(cfg.train.device)
-    model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
-    train_batches, val_batches = data.training_batches(
-        prepared, cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
-        drop_last=cfg.train.drop_last, channels_last=cfg.train.channels_last)
+    model, train_batches, val_batches = training_setup(cfg, prepared, device)
     print(f"[{run_name}] {cfg.model.name}: {models.count_parameters(model):,} parameters on {device}, "
           f"{len(prepared.train)} train / {len(prepared.val)} val images", flush=True)
 
@@ -120,6 +157,18 @@ def train(cfg: Config, run_name: str, paths: RunPaths | None = None) -> str | No
                 run.log_model(classifier, example, registered)
     print(f"[{run_name}] best epoch {result.best_epoch}: val_accuracy {best.val_accuracy:.4f} -> {paths.model}")
     return run.run_id if run else None
+
+
+def training_setup(cfg: Config, prepared, device):
+    """Seeded model and (train, val) batches on `device`: the same start for `train` and every trial."""
+    from pipeline import data, loop, models
+
+    loop.seed_everything(cfg.seed, cfg.train.deterministic)
+    model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
+    train_batches, val_batches = data.training_batches(
+        prepared, cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
+        drop_last=cfg.train.drop_last, channels_last=cfg.train.channels_last)
+    return model, train_batches, val_batches
 
 
 def tracked_run(cfg: Config, name: str, data_md5: str, role: str, run_id: str | None = None,
@@ -340,3 +389,28 @@ def reproduce(cfg: Config, run_id: str) -> None:
     if differing:
         raise CheckFailed(f"run {run_id} not reproduced: {', '.join(differing)} differ")
     print(f"run {run_id} reproduced exactly")
+
+
+def ui(cfg: Config, mlflow_port: int, optuna_port: int) -> None:
+    """Serve the MLflow UI and optuna-dashboard on 127.0.0.1 against this repo's stores until Ctrl-C."""
+    import subprocess
+
+    from pipeline import tracking, tuning
+
+    bin_dir = Path(sys.executable).parent
+    servers = {
+        f"MLflow UI:        http://127.0.0.1:{mlflow_port}": [
+            str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking.tracking_uri(cfg.tracking),
+            "--host", "127.0.0.1", "--port", str(mlflow_port)],
+        f"Optuna dashboard: http://127.0.0.1:{optuna_port}": [
+            str(bin_dir / "optuna-dashboard"), tuning.storage_url(cfg.tune), "--host", "127.0.0.1",
+            "--port", str(optuna_port)],
+    }
+    processes = [subprocess.Popen(command) for command in servers.values()]
+    print("\n".join(servers), flush=True)
+    try:
+        for process in processes:
+            process.wait()
+    finally:
+        for process in processes:
+            process.terminate()

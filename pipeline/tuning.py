@@ -26,7 +26,7 @@ import torch
 from filelock import FileLock
 from optuna.trial import TrialState
 
-from pipeline import data, loop, models
+from pipeline import data, loop
 from pipeline.config import Config, SearchDimension, TuneConfig
 from pipeline.errors import UserError
 
@@ -141,20 +141,17 @@ class Search:
 
     def objective(self, trial: optuna.Trial) -> float:
         self.slot.release()  # the trial exists now: other workers may count it and start theirs
-        from pipeline.stages import tracked_run
+        from pipeline.stages import tracked_run, training_setup
 
         cfg = self.trial_config(trial)
-        loop.seed_everything(cfg.seed, cfg.train.deterministic)
-        model = models.build_model(cfg.model, self.prepared.input_shape, self.prepared.num_classes)
-        batches = data.training_batches(self.prepared, cfg.train.batch_size, cfg.data.augment, cfg.seed,
-                                        self.device, drop_last=cfg.train.drop_last,
-                                        channels_last=cfg.train.channels_last)
+        model, *batches = training_setup(cfg, self.prepared, self.device)
         name = f"trial-{trial.number:03d}"
         state = "FAIL"
         try:
             with tracked_run(cfg, f"{self.study.study_name}-{name}", self.prepared.md5, role="trial",
                              parent_run_id=self.parent_run_id, finished_on=(optuna.TrialPruned,)) as run:
-                callbacks = [OptunaPruning(trial, cfg.tune.metric)] + ([run.metrics] if run else [])
+                # tracking first: a pruned trial's last epoch must still reach MLflow
+                callbacks = ([run.metrics] if run else []) + [OptunaPruning(trial, cfg.tune.metric)]
                 if run:
                     import mlflow
 

@@ -459,3 +459,67 @@ def test_load_image_applies_exif_rotation(tmp_path):
 
     shown = datasets.load_image(tmp_path / "phone.jpg", 1, 20)[0].float()
     assert shown[:8].mean() < 30 and shown[-8:].mean() > 225
+
+
+# ---------------------------------------------------------------- the DVC stages on top
+
+def stage_config(**data):
+    from pipeline.config import load_config
+    from conftest import REPO
+
+    overrides = [f"data.{key}={value}" for key, value in data.items()]
+    return load_config(REPO / "params.yaml", [*overrides, "train.epochs=1", "tracking.enabled=false",
+                                              "train.device=cpu"])
+
+
+def test_mnist_download_prepare_train_through_the_stages(monkeypatch, tmp_path, mirror, fake_mnist):
+    from pipeline import stages
+
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    monkeypatch.chdir(tmp_path)
+    cfg = stage_config(name="mnist", mirror=mirror.url, val_fraction=0.2)
+    stages.download(cfg)
+    stages.prepare(cfg)
+    prepared = __import__("pipeline.data", fromlist=["load_prepared"]).load_prepared(tmp_path / "data/prepared")
+    assert (len(prepared.train), len(prepared.val), len(prepared.test)) == (48, 12, 20)  # official test kept
+    assert prepared.input_shape == (1, 28, 28) and prepared.classes == MNIST.classes
+    assert torch.equal(prepared.test.labels, fake_mnist.test_labels)
+    assert (tmp_path / "reports/data/samples.png").stat().st_size > 1000
+    stages.train(cfg.with_overrides({"model.name": "mlp"}), "mlp")
+    assert (tmp_path / "models/mlp/model.pt").exists()
+    assert sum(mirror.requests.values()) == 4
+    stages.download(cfg)  # verified files stay; nothing fetched again
+    assert sum(mirror.requests.values()) == 4
+
+
+def test_cifar10_prepare_keeps_colour_and_official_test_split(monkeypatch, tmp_path, mirror, fake_cifar):
+    from pipeline import data, stages
+
+    publish_cifar(monkeypatch, mirror, fake_cifar)
+    monkeypatch.chdir(tmp_path)
+    cfg = stage_config(name="cifar10", mirror=mirror.url, val_fraction=0.2)
+    stages.download(cfg)
+    stages.prepare(cfg)
+    prepared = data.load_prepared(tmp_path / "data/prepared")
+    assert prepared.input_shape == (3, 32, 32) and len(prepared.test) == 10 and len(prepared.mean) == 3
+    assert prepared.classes == CIFAR_CLASSES
+
+
+def test_cli_download_of_wrong_bytes_is_one_line_and_leaves_nothing_usable(tmp_path, mirror):
+    from conftest import run_cli
+
+    for name in MNIST_FILES:  # the real MD5s apply in the CLI process: these bytes can't match them
+        mirror.files[name] = b"not the MNIST you are looking for"
+    result = run_cli("download", "--params", str(Path(__file__).parents[1] / "params.yaml"),
+                     "--set", "data.name=mnist", "--set", f"data.mirror={mirror.url}", cwd=tmp_path)
+    assert result.returncode == 2
+    line, = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "train-images-idx3-ubyte.gz" in line and "md5" in line.lower() and mirror.url in line
+    assert result.stderr.strip().splitlines()[-1] == line
+    raw = tmp_path / "data/raw/mnist"
+    assert not raw.exists() or not any(raw.iterdir())
+
+
+def test_folder_dataset_needs_a_path():
+    with pytest.raises(UserError, match="data.path is required when data.name is folder"):
+        stage_config(name="folder")

@@ -11,29 +11,33 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import edit_params, run_cli
+from conftest import copy_repo, edit_params, run_cli
 
 pytestmark = pytest.mark.slow
 
 TEST_METRICS = {"test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro", "test_f1_weighted"}
 
 
-@pytest.fixture
-def trained(repo_copy, tracked_env):
-    """A repo copy with a tracked logreg comparison run and a tracked final logreg run, evaluated."""
-    edit_params(repo_copy, {"models": ["logreg"], "model.name": "logreg", "train.epochs": 3})
-    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
-    run_cli("train", "--model", "logreg", cwd=repo_copy, check=True, env=tracked_env)
-    run_cli("train", "--final", cwd=repo_copy, check=True, env=tracked_env)
-    run_cli("evaluate", cwd=repo_copy, check=True, env=tracked_env)
-    client = MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One repo copy with a tracked logreg comparison run and a tracked final logreg run, evaluated.
+
+    Shared by the tests of this module (training is the slow part); none of them changes it for good.
+    """
+    root = tmp_path_factory.mktemp("trained")
+    repo = copy_repo(root / "repo")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'store' / 'mlflow.db'}"}
+    edit_params(repo, {"models": ["logreg"], "model.name": "logreg", "train.epochs": 3})
+    for command in (["prepare"], ["train", "--model", "logreg"], ["train", "--final"], ["evaluate"]):
+        run_cli(*command, cwd=repo, check=True, env=env)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = {run.data.tags["pipeline.role"]: run
             for run in client.search_runs([e.experiment_id for e in client.search_experiments()])}
-    return repo_copy, client, runs
+    return repo, client, runs, env
 
 
 def test_each_training_run_has_params_curves_test_metrics_lineage_and_model(trained):
-    repo, client, runs = trained
+    repo, client, runs, env = trained
     assert set(runs) == {"logreg", "final"}
     md5 = subprocess.run(["md5sum", "data/prepared/tensors.pt"], cwd=repo, capture_output=True, text=True).stdout
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
@@ -51,15 +55,14 @@ def test_each_training_run_has_params_curves_test_metrics_lineage_and_model(trai
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"history.csv", "curves.png", "config.yaml", "confusion_matrix.png", "confusion_matrix.csv",
                 "classification_report.txt", "classification_report.json"} <= artifacts
-        assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                           filter_string=f"source_run_id = '{run.info.run_id}'",
-                                           output_format="list")
+        assert client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{run.info.run_id}'")
     versions = client.search_model_versions("name = 'digits-logreg'")
     assert [v.run_id for v in versions] == [runs["final"].info.run_id]
 
 
-def test_reproduce_matches_exactly_and_refuses_other_data(trained, tracked_env):
-    repo, _, runs = trained
+def test_reproduce_matches_exactly_and_refuses_other_data(trained):
+    repo, _, runs, tracked_env = trained
     run_id = runs["final"].info.run_id
     result = run_cli("reproduce", run_id, cwd=repo, env=tracked_env)
     assert result.returncode == 0, result.stderr
@@ -71,10 +74,11 @@ def test_reproduce_matches_exactly_and_refuses_other_data(trained, tracked_env):
     assert result.returncode == 2
     line, = result.stderr.strip().splitlines()
     assert f"is not the data run {run_id} trained on" in line and "dvc checkout data/prepared" in line
+    run_cli("prepare", cwd=repo, check=True, env=tracked_env)  # back to the data the runs trained on
 
 
-def test_predict_from_local_model_and_registry(trained, tracked_env, tmp_path):
-    repo, _, _ = trained
+def test_predict_from_local_model_and_registry(trained, tmp_path):
+    repo, _, _, tracked_env = trained
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -120,7 +124,6 @@ def test_sigterm_ends_run_killed_and_training_resumes(repo_copy, tracked_env):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and "terminated" in stderr
-    mlflow.set_tracking_uri(tracked_env["MLFLOW_TRACKING_URI"])
     run, = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "KILLED"
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")) >= 1
