@@ -28,6 +28,10 @@ class Section(BaseModel):
 class AugmentConfig(Section):
     crop_padding: int = Field(0, ge=0, le=8, description="random translation by up to N pixels (RandomCrop(padding=N))")
     hflip: bool = Field(False, description="random horizontal flip (never for digits)")
+    rotation: float = Field(0.0, ge=0, le=180, description="random rotation by up to +-N degrees")
+    brightness: float = Field(0.0, ge=0, lt=1, description="ColorJitter: brightness factor in [1-b, 1+b]")
+    contrast: float = Field(0.0, ge=0, lt=1, description="ColorJitter: contrast factor in [1-c, 1+c]")
+    saturation: float = Field(0.0, ge=0, lt=1, description="ColorJitter: saturation factor in [1-s, 1+s] (RGB)")
 
 
 class DataConfig(Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,13 +141,19 @@ class BatchTransform:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.augment is not None:
-            if self.augment.crop_padding:
-                images = random_crop(images, self.augment.crop_padding, self.generator)
-            if self.augment.hflip:
-                images = random_hflip(images, self.generator)
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        x = images.float().div_(255).sub_(mean).div_(std)
+        augment, generator = self.augment, self.generator
+        if augment is not None:
+            if augment.crop_padding:
+                images = random_crop(images, augment.crop_padding, generator)
+            if augment.hflip:
+                images = random_hflip(images, generator)
+        x = images.float().div_(255)
+        if augment is not None:
+            if augment.rotation:
+                x = random_rotation(x, augment.rotation, generator)
+            if augment.brightness or augment.contrast or augment.saturation:
+                x = color_jitter(x, augment.brightness, augment.contrast, augment.saturation, generator)
+        x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
         return x.contiguous(memory_format=self.memory_format)
 
 
@@ -166,6 +173,38 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator |
 def random_hflip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def random_rotation(x: torch.Tensor, degrees: float, generator: torch.Generator | None) -> torch.Tensor:
+    """RandomRotation(degrees) for a float batch: one angle per image, one affine grid_sample for all."""
+    angle = (torch.rand(len(x), generator=generator, device=x.device) * 2 - 1) * math.radians(degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """ColorJitter(brightness, contrast, saturation) for a float [0, 1] batch, one factor per image and kind."""
+
+    def factor(strength: float) -> torch.Tensor:
+        return 1 + (torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device) * 2 - 1) * strength
+
+    def grey(batch: torch.Tensor) -> torch.Tensor:  # torchvision's rgb_to_grayscale weights
+        if batch.shape[1] != 3:
+            return batch
+        weights = torch.tensor([0.299, 0.587, 0.114], device=batch.device).view(1, 3, 1, 1)
+        return (batch * weights).sum(dim=1, keepdim=True)
+
+    if brightness:
+        x = (x * factor(brightness)).clamp_(0, 1)
+    if contrast:
+        mean = grey(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * factor(contrast) + mean).clamp_(0, 1)
+    if saturation and x.shape[1] == 3:
+        x = ((x - grey(x)) * factor(saturation) + grey(x)).clamp_(0, 1)
+    return x
 
 
 class TensorBatches:

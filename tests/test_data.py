@@ -62,7 +62,27 @@ def test_batch_transform_normalises_to_train_statistics(digits):
 
 def test_augmented_batches_are_reproducible_from_the_generator_state(digits):
     def epoch(generator):
-        transform = data.BatchTransform(digits.mean, digits.std, AugmentConfig(crop_padding=1), generator)
+        augment = AugmentConfig(crop_padding=1, rotation=10, brightness=0.2, contrast=0.2)
+        transform = data.BatchTransform(digits.mean, digits.std, augment, generator)
         return torch.cat([x for x, _ in data.TensorBatches(digits.train, 64, transform, shuffle=True, generator=generator)])
 
     assert torch.equal(epoch(torch.Generator().manual_seed(3)), epoch(torch.Generator().manual_seed(3)))
+
+
+def test_rotation_by_zero_is_identity_and_by_ninety_turns_the_image():
+    x = torch.rand(4, 1, 6, 6)
+    assert torch.allclose(data.random_rotation(x, 0.0, torch.Generator().manual_seed(0)), x, atol=1e-5)
+    rotated = data.random_rotation(x, 90.0, torch.Generator().manual_seed(0))
+    assert rotated.shape == x.shape and not torch.allclose(rotated, x)
+
+
+def test_color_jitter_stays_in_range_and_keeps_grey_images_grey():
+    x = torch.rand(16, 3, 5, 5)
+    out = data.color_jitter(x, 0.5, 0.5, 0.5, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x)
+    grey = torch.rand(8, 1, 1, 1).expand(8, 3, 4, 4).clone()
+    jittered = data.color_jitter(grey, 0.0, 0.0, 0.9, torch.Generator().manual_seed(0))
+    assert torch.allclose(jittered, grey, atol=1e-6)  # saturation leaves no-colour images alone
+    brighter = data.color_jitter(torch.full((64, 1, 2, 2), 0.5), 0.4, 0.0, 0.0, torch.Generator().manual_seed(1))
+    factors = brighter[:, 0, 0, 0] / 0.5
+    assert factors.min() >= 0.6 - 1e-6 and factors.max() <= 1.4 + 1e-6

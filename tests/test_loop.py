@@ -52,7 +52,8 @@ class StopAfter(loop.Callback):
 
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "plateau"])
 def test_resume_after_interrupt_matches_an_uninterrupted_run(digits, tiny_cfg, tmp_path, scheduler):
-    cfg = tiny_cfg.with_overrides({"train.epochs": 4, "train.scheduler": scheduler, "data.augment.crop_padding": 1})
+    cfg = tiny_cfg.with_overrides({"train.epochs": 4, "train.scheduler": scheduler, "data.augment.crop_padding": 1,
+                                   "data.augment.rotation": 10, "data.augment.contrast": 0.2})
     straight = train(digits, cfg)
     checkpoints = loop.Checkpoints(tmp_path, cfg.fingerprint())
     with pytest.raises(KeyboardInterrupt):
