@@ -9,9 +9,13 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import Config
 from pipeline.errors import CheckFailed, UserError
+
+if TYPE_CHECKING:  # numpy comes with torch; stages import their heavy modules lazily
+    import numpy as np
 
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
@@ -234,7 +238,7 @@ def evaluate(cfg: Config) -> None:
         print(f"[{run_name}] test accuracy {metrics['accuracy']:.4f} f1_macro {metrics['f1_macro']:.4f}")
 
 
-def predict_test_set(path: Path, prepared, device) -> tuple[dict, "np.ndarray", "np.ndarray"]:
+def predict_test_set(path: Path, prepared, device) -> tuple[dict, np.ndarray, np.ndarray]:
     """(saved model payload, true labels, predicted labels) on the test split."""
     from pipeline import data, loop, models
 

@@ -8,10 +8,9 @@ then start one" keeps the total at exactly `tune.n_trials`.
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -131,8 +130,8 @@ class Search:
     prepared: data.PreparedData
     device: torch.device
     study: optuna.Study
-    parent_run_id: str | None
     slot: FileLock
+    parent_run_id: str | None = None
 
     def trial_config(self, trial: optuna.Trial) -> Config:
         epochs = self.cfg.tune.epochs or self.cfg.train.epochs
@@ -198,7 +197,7 @@ def run_worker(search: Search) -> None:
                 search.slot.release()
 
 
-def open_search(cfg: Config, prepared_dir: Path, parent_run_id: str | None) -> Search:
+def open_search(cfg: Config, prepared_dir: Path) -> Search:
     name = study_name(cfg)
     study = optuna.create_study(storage=open_storage(cfg.tune), study_name=name, load_if_exists=True,
                                 direction=cfg.tune.direction, sampler=make_sampler(cfg),
@@ -207,24 +206,23 @@ def open_search(cfg: Config, prepared_dir: Path, parent_run_id: str | None) -> S
         "pipeline-tune-" + hashlib.sha256(f"{storage_url(cfg.tune)}|{name}".encode()).hexdigest()[:16] + ".lock")
     device = loop.resolve_device(cfg.train.device)
     prepared = data.load_prepared(prepared_dir)
-    return Search(cfg, prepared, device, study, parent_run_id, FileLock(slot_path))
+    return Search(cfg, prepared, device, study, FileLock(slot_path))
 
 
 def work(cfg: Config, prepared_dir: Path) -> None:
     """One of several worker processes started by `tune`: trials only, no reports."""
-    search = open_search(cfg, prepared_dir, parent_run_id=None)
+    search = open_search(cfg, prepared_dir)
     search.parent_run_id = search.study.user_attrs.get("mlflow_parent_run_id") if cfg.tracking.enabled else None
     run_worker(search)
 
 
 def tune(cfg: Config, prepared_dir: Path, out_dir: Path, worker_args: list[str]) -> dict:
     """Run the search with `tune.workers` processes, then write reports; returns the best-params record."""
-    search = open_search(cfg, prepared_dir, parent_run_id=None)
+    search = open_search(cfg, prepared_dir)
     study = search.study
     print(f"[tune] study {study.study_name} on {_redacted(storage_url(cfg.tune))}: "
           f"{counted_trials(study)}/{cfg.tune.n_trials} trials so far, {cfg.tune.workers} worker(s)", flush=True)
-    with _parent_run(cfg, search) as parent:
-        search.parent_run_id = parent.run_id if parent else None
+    with parent_run(cfg, search) as parent:
         if cfg.tune.workers == 1:
             run_worker(search)
         else:
@@ -242,35 +240,22 @@ def tune(cfg: Config, prepared_dir: Path, out_dir: Path, worker_args: list[str])
     return record
 
 
-def _parent_run(cfg: Config, search: Search):
-    """The study's one MLflow parent run, shared by all workers and resumed with the study."""
+@contextlib.contextmanager
+def parent_run(cfg: Config, search: Search):
+    """The study's one MLflow parent run: created with the study, resumed with it, shared by all workers."""
     from pipeline.stages import tracked_run
 
     existing = search.study.user_attrs.get("mlflow_parent_run_id")
-    if existing and cfg.tracking.enabled and _run_exists(cfg, existing):
-        return tracked_run(cfg, "", search.prepared.md5, role="", run_id=existing)
-    return _NewParent(cfg, search)
-
-
-class _NewParent:
-    def __init__(self, cfg: Config, search: Search):
-        from pipeline.stages import tracked_run
-
-        self.search = search
-        self.context = tracked_run(cfg, search.study.study_name, search.prepared.md5, role="study")
-
-    def __enter__(self):
-        run = self.context.__enter__()
-        if run:
+    resume = existing if existing and cfg.tracking.enabled and _run_exists(cfg, existing) else None
+    with tracked_run(cfg, search.study.study_name, search.prepared.md5, role="study", run_id=resume) as run:
+        if run and not resume:
             import mlflow
 
-            mlflow.set_tags({"optuna.study": self.search.study.study_name,
-                             "optuna.storage": _redacted(storage_url(self.search.cfg.tune))})
-            self.search.study.set_user_attr("mlflow_parent_run_id", run.run_id)
-        return run
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc)
+            mlflow.set_tags({"optuna.study": search.study.study_name,
+                             "optuna.storage": _redacted(storage_url(cfg.tune))})
+            search.study.set_user_attr("mlflow_parent_run_id", run.run_id)
+        search.parent_run_id = run.run_id if run else None
+        yield run
 
 
 def _run_exists(cfg: Config, run_id: str) -> bool:
@@ -287,8 +272,7 @@ def _run_exists(cfg: Config, run_id: str) -> bool:
 
 def _run_worker_processes(workers: int, worker_args: list[str]) -> None:
     command = [sys.executable, "-m", "pipeline", "tune", "--worker", *worker_args]
-    processes = [subprocess.Popen(command, env={**os.environ, "PIPELINE_TUNE_WORKER": str(i)})
-                 for i in range(workers)]
+    processes = [subprocess.Popen(command) for _ in range(workers)]
     try:
         codes = [process.wait() for process in processes]
     except KeyboardInterrupt:
