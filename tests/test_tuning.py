@@ -122,3 +122,51 @@ def test_diverging_trials_fail_with_reason_and_the_study_goes_on(search_repo, tr
     assert failed and all("training loss became" in t.user_attrs["fail_reason"] for t in failed)
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 3
     assert json.loads((repo / "reports/tune/best_params.json").read_text())["params"]["train.lr"] == 3.0e-3
+
+
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory):
+    from pipeline import stages
+    from pipeline.config import load_config
+    from conftest import REPO
+
+    root = tmp_path_factory.mktemp("prepared")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        stages.prepare(load_config(REPO / "params.yaml"))
+    finally:
+        os.chdir(cwd)
+    return root / "data/prepared"
+
+
+@pytest.mark.parametrize("sampler, pruner", [("tpe", "median"), ("random", "hyperband"),
+                                             ("cmaes", "successive_halving"), ("gp", "none")])
+def test_every_sampler_and_pruner_runs_a_search(prepared_digits, tmp_path, sampler, pruner):
+    from pipeline import tuning
+    from pipeline.config import load_config
+    from conftest import REPO
+
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=mlp", "tune.epochs=3", "tune.n_trials=4", "tune.startup_trials=2", "tune.warmup_epochs=1",
+        f"tune.sampler={sampler}", f"tune.pruner={pruner}", f"tune.storage={tmp_path / 'search.journal'}",
+        "tracking.enabled=false", "train.device=cpu"])
+    record = tuning.tune(cfg, prepared_digits, tmp_path / "reports", worker_args=[])
+    study = optuna.load_study(study_name=record["study"], storage=tuning.open_storage(cfg.tune))
+    assert len(study.trials) == 4 and record["trial"] == study.best_trial.number
+    assert set(record["params"]) == set(cfg.tune.space)
+    assert (tmp_path / "reports/best_params.json").exists()
+
+
+def test_timeout_stops_starting_trials(prepared_digits, tmp_path):
+    from pipeline import tuning
+    from pipeline.config import load_config
+    from conftest import REPO
+
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=logreg", "tune.epochs=2", "tune.n_trials=1000", "tune.timeout=2",
+        f"tune.storage={tmp_path / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
+    started = time.monotonic()
+    record = tuning.tune(cfg, prepared_digits, tmp_path / "reports", worker_args=[])
+    study = optuna.load_study(study_name=record["study"], storage=tuning.open_storage(cfg.tune))
+    assert 1 <= len(study.trials) < 1000 and time.monotonic() - started < 60
