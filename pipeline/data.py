@@ -9,6 +9,7 @@ batches where the data is.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -45,6 +46,11 @@ class PreparedData:
     mean: list[float]  # per channel, of train images scaled to [0, 1]
     std: list[float]
     md5: str = ""  # of tensors.pt: the data hash runs are tagged with and `reproduce` checks
+
+    def to(self, device: torch.device) -> PreparedData:
+        """All splits on `device` (a no-op copy where they already are)."""
+        return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device),
+                                   test=self.test.to(device))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

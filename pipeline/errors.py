@@ -5,6 +5,12 @@ a bug and keeps its traceback.
 """
 
 
+def first_line(error: BaseException) -> str:
+    """The head of an exception's message (libraries put tracebacks and hints below it), never empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class UserError(Exception):
     """Bad input (params, paths, downloads): reported as one line, exit code 2."""
 

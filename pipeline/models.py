@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ModelConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 Shape = tuple[int, int, int]
 
@@ -124,7 +124,7 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise UserError(f"cannot read model file {path}: {err}".splitlines()[0]) from None
+        raise UserError(f"cannot read model file {path}: {first_line(err)}") from None
     model = build_model(ModelConfig.model_validate(payload["config"]["model"]), payload["input_shape"],
                         len(payload["classes"]))
     model.load_state_dict(payload["state_dict"])

@@ -24,6 +24,17 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def copy_file(source: Path, dest: Path) -> None:
+    """Byte copy under a temporary name, then rename: like every write here."""
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+
+
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import Config
-from pipeline.errors import CheckFailed, UserError
+from pipeline.errors import CheckFailed, UserError, first_line
 
 if TYPE_CHECKING:  # numpy comes with torch; stages import their heavy modules lazily
     import numpy as np
@@ -53,6 +53,11 @@ def train_report_dir(run_name: str) -> Path:
 
 def eval_report_dir(run_name: str) -> Path:
     return REPORTS_DIR / "eval" / run_name
+
+
+def run_label(cfg: Config, run_name: str) -> str:
+    """How reports name a run: the final one says which model it is."""
+    return f"{run_name} ({cfg.model.name})" if run_name == FINAL else run_name
 
 
 def evaluated_runs(cfg: Config) -> list[str]:
@@ -233,7 +238,8 @@ def evaluate(cfg: Config) -> None:
         reporting.write_csv(out / "predictions.csv", ["actual", "predicted"],
                             [(prepared.classes[t], prepared.classes[p]) for t, p in zip(y_true, y_pred)])
         reporting.plot_confusion(matrix, prepared.classes, out / "confusion_matrix.png",
-                                 title=f"{run_name} on {cfg.data.name}: accuracy {metrics['accuracy']:.4f}")
+                                 title=f"{run_label(cfg, run_name)} on {cfg.data.name}: "
+                                       f"accuracy {metrics['accuracy']:.4f}")
         _log_test_results(cfg, saved, metrics, out)
         print(f"[{run_name}] test accuracy {metrics['accuracy']:.4f} f1_macro {metrics['f1_macro']:.4f}")
 
@@ -262,7 +268,7 @@ def _log_test_results(cfg: Config, saved: dict, metrics: dict[str, float], out: 
                                                          "classification_report.json")))
     except mlflow.exceptions.MlflowException as err:  # e.g. the store was deleted since training
         print(f"warning: test metrics not logged to MLflow run {saved['mlflow_run_id']}: "
-              f"{str(err).splitlines()[0]}", file=sys.stderr)
+              f"{first_line(err)}", file=sys.stderr)
 
 
 def report(cfg: Config) -> None:
@@ -279,8 +285,7 @@ def report(cfg: Config) -> None:
     for run_name in runs:
         test = reporting.read_json(eval_report_dir(run_name) / "metrics.json")
         fit = reporting.read_json(train_report_dir(run_name) / "metrics.json")
-        label = f"{run_name} ({cfg.model.name})" if run_name == FINAL else run_name
-        rows.append([label, test["accuracy"], test["precision_macro"], test["recall_macro"], test["f1_macro"],
+        rows.append([run_label(cfg, run_name), test["accuracy"], test["precision_macro"], test["recall_macro"], test["f1_macro"],
                      test["f1_weighted"], f"{fit['params']:,}", f"{fit['train_seconds']:.1f}"])
     header = ["model", "accuracy", "precision (macro)", "recall (macro)", "F1 (macro)", "F1 (weighted)",
               "params", "train seconds"]
@@ -291,24 +296,14 @@ def report(cfg: Config) -> None:
     reporting.write_json(REPORTS_DIR / "metrics.json", {key: final[key] for key in METRIC_KEYS})
 
     plots = REPORTS_DIR / "plots"
-    predictions = (eval_report_dir(FINAL) / "predictions.csv").read_text()
-    reporting.write_text(plots / "confusion.csv", predictions)
-    classes, matrix = _read_confusion(eval_report_dir(FINAL) / "confusion_matrix.csv")
-    reporting.plot_confusion(matrix, classes, plots / "confusion.png",
-                             title=f"{cfg.model.name} on {cfg.data.name}: accuracy {final['accuracy']:.4f}")
+    # the final model's predictions and confusion matrix as `evaluate` wrote them, where DVC's plots expect them
+    reporting.copy_file(eval_report_dir(FINAL) / "predictions.csv", plots / "confusion.csv")
+    reporting.copy_file(eval_report_dir(FINAL) / "confusion_matrix.png", plots / "confusion.png")
     histories = {run: _read_history(train_report_dir(run) / "history.csv") for run in runs}
     reporting.plot_curves(histories, plots / "curves.png")
     reporting.write_csv(plots / "curves.csv", ["epoch", "run", "split", "loss", "accuracy"],
                         reporting.long_curve_rows(histories))
-    print(f"final model ({cfg.model.name}): " + ", ".join(f"{k} {final[k]:.4f}" for k in METRIC_KEYS), file=sys.stdout)
-
-
-def _read_confusion(path: Path) -> tuple[list[str], list[list[int]]]:
-    import csv
-
-    with open(path, newline="") as handle:
-        header, *rows = list(csv.reader(handle))
-    return header[1:], [[int(v) for v in row[1:]] for row in rows]
+    print(f"final model ({cfg.model.name}): " + ", ".join(f"{k} {final[k]:.4f}" for k in METRIC_KEYS))
 
 
 def _read_history(path: Path):
@@ -337,7 +332,7 @@ def predict(cfg: Config, images: list[str], model_uri: str | None) -> None:
         try:
             classifier = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
         except Exception as err:  # noqa: BLE001 - MLflow raises several types for a bad URI
-            raise UserError(f"cannot load model {model_uri}: {str(err).splitlines()[0]}") from None
+            raise UserError(f"cannot load model {model_uri}: {first_line(err)}") from None
     else:
         classifier = models.load_classifier(model_path(FINAL))
     channels, height, _ = classifier.input_shape
@@ -366,7 +361,7 @@ def reproduce(cfg: Config, run_id: str) -> None:
         logged = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
     except mlflow.exceptions.MlflowException as err:
         raise UserError(f"cannot reproduce run {run_id} from {tracking.tracking_uri(cfg.tracking)}: "
-                        f"{str(err).splitlines()[0]}") from None
+                        f"{first_line(err)}") from None
     original = validate(yaml.safe_load(logged), source=f"run {run_id} config.yaml")
     tags = run.data.tags
     prepared = data.load_prepared(PREPARED_DIR)

@@ -8,7 +8,6 @@ DVC runs in copies under .dvc/tmp/) all write to the same database.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import subprocess
@@ -117,14 +116,6 @@ def _dvc_locked_md5(path: str) -> str | None:
             if out.get("path") == path:
                 return out.get("md5")
     return None
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class MlflowMetrics(Callback):

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from pipeline import data, loop
 from pipeline.config import Config, SearchDimension, TuneConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 TRIAL_FAILURES = (loop.NonFiniteLossError, torch.cuda.OutOfMemoryError)
@@ -163,7 +163,7 @@ class Search:
                     state = "PRUNED"
                     raise
                 except TRIAL_FAILURES as err:
-                    trial.set_user_attr("fail_reason", str(err).splitlines()[0])
+                    trial.set_user_attr("fail_reason", first_line(err))
                     raise
                 finally:
                     if run:
@@ -205,7 +205,7 @@ def open_search(cfg: Config, prepared_dir: Path) -> Search:
     slot_path = Path(tempfile.gettempdir()) / (
         "pipeline-tune-" + hashlib.sha256(f"{storage_url(cfg.tune)}|{name}".encode()).hexdigest()[:16] + ".lock")
     device = loop.resolve_device(cfg.train.device)
-    prepared = data.load_prepared(prepared_dir)
+    prepared = data.load_prepared(prepared_dir).to(device)  # once per worker, not once per trial
     return Search(cfg, prepared, device, study, FileLock(slot_path))
 
 
