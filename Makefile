@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV)/bin)
 # DVC stages call `python -m pipeline`: put the venv first so they find it.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test ui bench clean
+.PHONY: install repro test test-fast ui bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,18 @@ install: $(VENV)/.installed
 repro: install
 	dvc repro
 
-# pytest exits 5 when it collected nothing: that is a failure here, not a pass.
+# pytest exits 5 when it collected nothing: that is a failure here, not a pass. Two workers (pytest-xdist):
+# the tests mostly wait on single-threaded subprocesses; tests sharing a module fixture stay on one worker.
+PYTEST = rc=0; pytest -n 2 --dist loadgroup --durations=15 $(1) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# everything, end-to-end runs of the real DVC pipeline included
 test: install
-	@pytest; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
-	exit $$rc
+	@$(call PYTEST,)
+
+# the edit loop: unit and CLI tests, no end-to-end pipelines (marked slow)
+test-fast: install
+	@$(call PYTEST,-m "not slow")
 
 # mlflow ui and optuna-dashboard on 127.0.0.1 against the repo's stores; Ctrl-C stops both.
 ui: install

@@ -1,8 +1,11 @@
 """Experiment-tracking pipeline for PyTorch image classification.
 
-Modules, one concern each (data flows params -> config -> stage -> outputs):
-config (typed params.yaml), data (datasets as in-memory tensors), models,
-loop (the one training loop), evaluation (scikit-learn metrics),
-reporting (files for DVC/humans), stages (one function per DVC stage),
-cli (`python -m pipeline <command>`).
+Modules, one concern each; imports go one way, from the CLI down:
+
+    cli -> stages, commands          what `python -m pipeline <command>` runs (stages = DVC stages)
+        -> tuning (Optuna), tracking (MLflow), serving (the logged MLflow model)
+        -> training                  setup shared by every run and trial
+        -> loop                      the one training loop (callbacks, checkpoints)
+        -> data, datasets, models, evaluation, reporting
+        -> config, metrics, files, paths, processes, errors
 """

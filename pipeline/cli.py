@@ -8,11 +8,32 @@ Config to its stage. User errors print one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 from pathlib import Path
 
-from pipeline.errors import CheckFailed, UserError
+from pipeline.errors import CheckFailed, UserError, one_line
+
+# Failures of the machine, not of the code: reported like bad input (one line, exit 2).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line on stderr with exit code 2 like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `python -m pipeline --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param by dotted key, e.g. --set train.lr=0.01 (repeatable)")
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     commands.add_parser("download", parents=[common], help="fetch raw files (torchvision datasets) -> data/raw/NAME/")
     commands.add_parser("prepare", parents=[common], help="split the dataset into train/val/test tensors")
     train = commands.add_parser("train", parents=[common], help="train one model with the shared loop")
@@ -31,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--final", action="store_true", help="train model.name as the final model: models/final/")
     train.add_argument("--tuned", metavar="JSON", help="apply a search's best params (reports/tune/best_params.json)")
     tune = commands.add_parser("tune", parents=[common], help="Optuna search for model.name -> reports/tune/")
-    tune.add_argument("--workers", type=int, metavar="N", help="worker processes (default: tune.workers)")
+    tune.add_argument("--workers", type=positive_int, metavar="N", help="worker processes (default: tune.workers)")
     tune.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child started by --workers
     commands.add_parser("evaluate", parents=[common], help="test-set metrics of every trained model")
     commands.add_parser("report", parents=[common], help="final metrics, comparison table and plots")
@@ -45,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", parents=[common], help="mlflow ui + optuna-dashboard on 127.0.0.1 (Ctrl-C stops)")
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--optuna-port", type=int, default=8080)
+    ui.add_argument("--verbose", action="store_true", help="show the servers' own logs (access logs included)")
     return parser
 
 
@@ -62,14 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {one_line(where + (err.strerror or str(err)))}; free space or fix permissions and run again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 143 if terminated else 130
     except CheckFailed as failed:
-        print(f"error: {failed}", file=sys.stderr)
+        print(f"error: {one_line(str(failed))}", file=sys.stderr)
         return 1
     return 0
 
@@ -77,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     from pipeline import stages
     from pipeline.config import load_config
+    from pipeline.paths import FINAL
 
     cfg = load_config(args.params, args.overrides)
     if args.command == "download":
@@ -85,22 +115,25 @@ def run(args: argparse.Namespace) -> None:
         stages.prepare(cfg)
     elif args.command == "train":
         if args.model:
-            cfg = cfg.with_overrides({"model.name": args.model})
+            cfg = cfg.with_overrides({"model.name": args.model}, source="--model")
         if args.tuned:
             cfg = stages.tuned(cfg, Path(args.tuned))
-        stages.train(cfg, stages.FINAL if args.final else cfg.model.name)
+        stages.train(cfg, FINAL if args.final else cfg.model.name)
     elif args.command == "tune":
         if args.workers:
-            cfg = cfg.with_overrides({"tune.workers": args.workers})
+            cfg = cfg.with_overrides({"tune.workers": args.workers}, source="--workers")
         worker_args = ["--params", args.params, *(f"--set={item}" for item in args.overrides)]
         stages.tune(cfg, worker_args, worker=args.worker)
     elif args.command == "evaluate":
         stages.evaluate(cfg)
     elif args.command == "report":
         stages.report(cfg)
-    elif args.command == "predict":
-        stages.predict(cfg, args.images, args.model_uri)
-    elif args.command == "reproduce":
-        stages.reproduce(cfg, args.run_id)
-    elif args.command == "ui":
-        stages.ui(cfg, args.mlflow_port, args.optuna_port)
+    else:  # commands for people, not DVC stages
+        from pipeline import commands
+
+        if args.command == "predict":
+            commands.predict(cfg, args.images, args.model_uri)
+        elif args.command == "reproduce":
+            commands.reproduce(cfg, args.run_id)
+        elif args.command == "ui":
+            commands.ui(cfg, args.mlflow_port, args.optuna_port, args.verbose)

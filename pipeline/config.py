@@ -1,7 +1,10 @@
 """params.yaml -> one typed, validated, immutable Config.
 
 Everything downstream receives plain config objects; nothing re-reads params.
-Validation errors become one-line `UserError`s that name the dotted key.
+Validation errors become one-line `UserError`s that name the dotted key and
+where it came from (the params file or a `--set` override). The key lists at
+the end say which params shape which result: run names, checkpoints, study
+names and the `params:` of every stage in dvc.yaml all derive from them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, redact, shorten
+from pipeline.metrics import DIRECTIONS, Monitor
 
 DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
 ModelName = Literal["logreg", "mlp", "cnn", "digit_recognizer", "resnet18"]
@@ -42,6 +46,8 @@ class DataConfig(Section):
     image_size: int = Field(32, ge=4, le=1024, description="folder images are resized to this square size")
     channels: Literal[1, 3] = Field(3, description="folder images are converted to L (1) or RGB (3)")
     skip_bad_images: bool = Field(False, description="skip unreadable folder images (counted) instead of failing")
+    follow_symlinks: bool = Field(False, description="folder: follow symlinks that lead outside data.path "
+                                                     "(refused by default; followed files are tracked too)")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for datasets without an official test split")
     augment: AugmentConfig = AugmentConfig()
@@ -67,13 +73,13 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(1e-5, ge=0)
     scheduler: Literal["none", "step", "plateau", "cosine", "onecycle"] = "cosine"
     step_size: int = Field(10, ge=1, description="epochs between decays (scheduler=step)")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (step, plateau)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 = off")
-    monitor: Literal["val_accuracy", "val_loss"] = "val_loss"
+    monitor: Monitor = "val_loss"
     patience: int = Field(0, ge=0, description="early-stopping patience in epochs; 0 = off")
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -138,8 +144,9 @@ class SearchDimension(Section):
 class TuneConfig(Section):
     n_trials: int = Field(24, ge=1, description="trials counted: complete + pruned + running, across all workers")
     timeout: float | None = Field(None, gt=0, description="seconds per worker; stop starting trials after it")
-    epochs: int | None = Field(15, ge=1, description="epochs per trial (default train.epochs)")
-    metric: Literal["val_accuracy", "val_loss"] = "val_loss"
+    epochs: int = Field(15, ge=1, description="epochs per trial (independent of train.epochs, so changing "
+                                               "train.epochs never re-runs the search)")
+    metric: Monitor = "val_loss"
     sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
     pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
     startup_trials: int = Field(5, ge=0, description="trials before TPE models and the median pruner acts")
@@ -153,17 +160,27 @@ class TuneConfig(Section):
 
     @property
     def direction(self) -> str:
-        return "maximize" if self.metric == "val_accuracy" else "minimize"
+        return DIRECTIONS[self.metric]
 
 
 class Config(Section):
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="numpy and scikit-learn take seeds in [0, 2**32)")
     data: DataConfig = DataConfig()
-    models: list[ModelName] = Field(["logreg", "mlp", "cnn"], min_length=1, description="the comparison matrix")
+    # Not called `models`: DVC confuses a param of that name with the models/ output folder.
+    comparison: list[ModelName] = Field(["logreg", "mlp", "cnn"], min_length=1,
+                                        description="models trained side by side (train@<model>)")
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
+
+    @field_validator("comparison")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once (each model is trained once)")
+        return names
 
     @model_validator(mode="after")
     def _searchable_space(self) -> Config:
@@ -186,21 +203,35 @@ class Config(Section):
                                      f"({err.errors()[0]['msg']})") from None
         return self
 
-    def with_overrides(self, overrides: dict[str, Any]) -> Config:
-        """A new validated Config with dotted keys replaced (e.g. tuned values)."""
+    def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> Config:
+        """A new validated Config with dotted keys replaced (e.g. tuned values); `source` names them in errors."""
         raw = self.model_dump()
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
-        return validate(raw, source="overrides")
+        return validate(raw, source=source)
 
     def fingerprint(self) -> str:
-        """Short stable hash of what shapes the result: names runs and guards checkpoint reuse."""
-        blob = json.dumps(self.model_dump(exclude={"tracking", "tune"}), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:8]
+        """Short stable hash of the params that shape one training run: names runs, keys resume points."""
+        return self.digest(training_keys())
+
+    def digest(self, keys: list[str]) -> str:
+        """Short stable hash of the values of `keys` (dotted; a section counts whole)."""
+        values = {key: self.value(key) for key in keys}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+    def value(self, key: str) -> Any:
+        node: Any = self.model_dump()
+        for part in key.split("."):
+            node = node[part]
+        return node
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, as `dvc exp run -S` and MLflow params spell them."""
         return flatten(self.model_dump())
+
+    def public(self) -> dict[str, Any]:
+        """The config as it may be shown or logged: credentials in store URLs masked."""
+        return json.loads(redact(json.dumps(self.model_dump())))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -213,25 +244,65 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML as params need it: a repeated key is an error (not a silent last-one-wins), and no aliases
+    (params never need them, and an alias bomb would expand into a huge config)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in params",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_ParamsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _ParamsLoader.construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{source}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+
+
 def load_config(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Config:
     """Read params.yaml, apply `key=value` overrides, validate. Raises UserError."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"params file not found: {path}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except IsADirectoryError:
+        raise UserError(f"params file {path} is a directory: pass the YAML file, e.g. --params params.yaml") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read params file {path}: {err.strerror or err}") from None
+    raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
+    sources = {}
     for item in overrides:
-        key, sep, text = item.partition("=")
+        key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text else None)
-    return validate(raw, source=str(path))
+        _set_dotted(raw, key, parse_yaml(value, f"--set {key}") if value else None)
+        sources[key] = f"--set {key}"
+    return validate(raw, source=str(path), sources=sources)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -244,26 +315,32 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def validate(raw: dict[str, Any], source: str) -> Config:
+def validate(raw: dict[str, Any], source: str, sources: dict[str, str] | None = None) -> Config:
+    """`sources`: dotted keys set elsewhere than `source` (e.g. by --set), so errors name where a value came from."""
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise UserError(describe_validation_error(err, source)) from None
+        raise UserError(describe_validation_error(err, source, sources or {})) from None
 
 
-def describe_validation_error(err: ValidationError, source: str) -> str:
-    """The first problem as one line naming the dotted key; a count of the rest."""
+def describe_validation_error(err: ValidationError, source: str, sources: dict[str, str]) -> str:
+    """The first problem as one line naming the dotted key and where it was set; a count of the rest."""
     problems = err.errors()
     first = problems[0]
     key = dotted(first["loc"])
+    reason = first["msg"].removeprefix("Value error, ")
+    for candidate, origin in sources.items():  # the override that set this key or a section above it
+        named = key or reason  # whole-config checks name their keys in the message
+        if named == candidate or named.startswith((candidate + ".", candidate + "[", candidate + ":")):
+            source = origin
+            break
     if first["type"] == "extra_forbidden":
         parent = _section_at(first["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if parent else "?"
         message = f"unknown key {key!r} (allowed here: {allowed})"
     else:
-        reason = first["msg"].removeprefix("Value error, ")
         # whole-config checks (loc == ()) name their keys in the message and have no single input to show
-        message = f"{key}: {reason} (got {first.get('input')!r})" if key else reason
+        message = f"{key}: {reason} (got {shorten(repr(first.get('input')))})" if key else reason
     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"{source}: {message}{more}"
 
@@ -282,3 +359,37 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
             return None
         section = annotation
     return section
+
+
+# ---------------------------------------------------------------- which params shape which result
+
+# How a run proceeds, not what it produces: an exact resume gives the same result as no resume.
+_RUNTIME_TRAIN = {"resume"}
+# Set by the search for every trial, whatever train.* says (tune.epochs, tune.metric, no resume).
+_SET_BY_SEARCH = {"epochs", "monitor", "resume"}
+# Where and how a search runs, not which trials it runs.
+_RUNTIME_TUNE = {"workers", "storage", "heartbeat_interval", "grace_period"}
+# How much of a search to run: a bigger budget continues the same study.
+_BUDGET_TUNE = {"n_trials", "timeout"}
+
+
+def _section_keys(section: str, model: type[BaseModel], skip: set[str] = frozenset()) -> list[str]:
+    return [f"{section}.{name}" for name in model.model_fields if name not in skip]
+
+
+def training_keys() -> list[str]:
+    """Params that shape one training run's result (with the prepared data and the code)."""
+    return ["seed", "data.augment", *_section_keys("model", ModelConfig),
+            *_section_keys("train", TrainConfig, _RUNTIME_TRAIN)]
+
+
+def study_keys() -> list[str]:
+    """Params that define a search (its study name hashes these): change one and it is another study."""
+    return ["seed", "data.augment", *_section_keys("model", ModelConfig),
+            *_section_keys("train", TrainConfig, _SET_BY_SEARCH),
+            *_section_keys("tune", TuneConfig, _RUNTIME_TUNE | _BUDGET_TUNE)]
+
+
+def search_keys() -> list[str]:
+    """Params that can change a search's outcome: the study's definition and its budget."""
+    return [*study_keys(), *(f"tune.{name}" for name in TuneConfig.model_fields if name in _BUDGET_TUNE)]

@@ -12,15 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline import files
 from pipeline.config import AugmentConfig, DataConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 SPLITS = ("train", "val", "test")
 
@@ -63,34 +63,36 @@ class PreparedData:
 
 # ---------------------------------------------------------------- prepare
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (keep, carved) with `fraction` of every class carved out, seeded."""
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int, key: str, classes: list[str]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (keep, carved) with `fraction` of every class carved out, seeded. `key` names the fraction's param."""
     from sklearn.model_selection import train_test_split
 
-    index = torch.arange(len(labels)).numpy()
-    keep, carved = train_test_split(index, test_size=fraction, random_state=seed, stratify=labels.numpy())
-    return torch.from_numpy(keep).sort().values, torch.from_numpy(carved).sort().values
+    counts = torch.bincount(labels)
+    present = counts[counts > 0]
+    n, n_classes = len(labels), len(present)
+    carved = math.ceil(fraction * n)
+    if int(present.min()) < 2:
+        smallest = int(torch.where(counts > 0, counts, n + 1).argmin())
+        raise UserError(f"class {classes[smallest]!r} has {int(present.min())} image(s) left to divide for {key}: "
+                        "a stratified split needs at least 2 per class at each split; add images")
+    if carved < n_classes or n - carved < n_classes:
+        raise UserError(f"{key}={fraction} carves {carved} of {n} images, but a stratified split needs at least "
+                        f"{n_classes} (one per class) on each side: set {key} between {n_classes / n:.3f} and "
+                        f"{1 - n_classes / n:.3f}, or add images")
+    index = torch.arange(n).numpy()
+    keep, carved_index = train_test_split(index, test_size=fraction, random_state=seed, stratify=labels.numpy())
+    return torch.from_numpy(keep).sort().values, torch.from_numpy(carved_index).sort().values
 
 
-def load_digits_raw() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 [N, 1, 8, 8]."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    # 17 grey levels spread over 0..255 keeps them distinct and lets digits share the uint8 format.
-    images = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
-    labels = torch.from_numpy(digits.target).long()
-    return images, labels, [str(name) for name in digits.target_names]
-
-
-def split_dataset(images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, seed: int,
+def split_dataset(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cfg: DataConfig, seed: int,
                   test: Split | None = None) -> dict[str, Split]:
     """Seeded, stratified train/val(/test) split; an official test split is kept as given."""
     if test is None:
-        rest, test_idx = stratified_split(labels, cfg.test_fraction, seed)
+        rest, test_idx = stratified_split(labels, cfg.test_fraction, seed, "data.test_fraction", classes)
         test = Split(images[test_idx], labels[test_idx])
         images, labels = images[rest], labels[rest]
-    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed, "data.val_fraction", classes)
     return {"train": Split(images[train_idx], labels[train_idx]),
             "val": Split(images[val_idx], labels[val_idx]),
             "test": test}
@@ -104,14 +106,16 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 def save_prepared(out_dir: Path, splits: dict[str, Split], classes: list[str], source: str) -> dict:
     """Write tensors.pt (all splits) and meta.json; returns the meta."""
     mean, std = channel_stats(splits["train"].images)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}_{part}": getattr(split, part) for name, split in splits.items() for part in ("images", "labels")}
-    torch.save(tensors, out_dir / "tensors.pt")
+    files.save_torch(tensors, out_dir / "tensors.pt")
     meta = {"source": source, "classes": classes, "mean": mean, "std": std,
             "shape": list(splits["train"].images.shape[1:]),
             "sizes": {name: len(split) for name, split in splits.items()}}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    files.write_json(out_dir / "meta.json", meta)
     return meta
+
+
+REPREPARE = "run `dvc repro -f prepare` (or `python -m pipeline prepare`) to write it again"
 
 
 def load_prepared(data_dir: Path) -> PreparedData:
@@ -119,12 +123,18 @@ def load_prepared(data_dir: Path) -> PreparedData:
     for path in (tensors_path, meta_path):
         if not path.exists():
             raise UserError(f"prepared data missing: {path} (run `python -m pipeline prepare` or `dvc repro prepare`)")
-    meta = json.loads(meta_path.read_text())
-    blob = tensors_path.read_bytes()  # read once: hashed and loaded from the same bytes
-    tensors = torch.load(io.BytesIO(blob), weights_only=True)
-    splits = {name: Split(tensors[f"{name}_images"], tensors[f"{name}_labels"]) for name in SPLITS}
-    return PreparedData(**splits, classes=meta["classes"], mean=meta["mean"], std=meta["std"],
-                        md5=hashlib.md5(blob).hexdigest())
+    meta = files.read_json(meta_path, REPREPARE)
+    blob = files.read_bytes(tensors_path)  # read once: hashed and loaded from the same bytes
+    try:
+        tensors = torch.load(io.BytesIO(blob), weights_only=True)
+        splits = {name: Split(tensors[f"{name}_images"], tensors[f"{name}_labels"]) for name in SPLITS}
+        prepared = PreparedData(**splits, classes=list(meta["classes"]), mean=list(meta["mean"]),
+                                std=list(meta["std"]), md5=hashlib.md5(blob).hexdigest())
+    except Exception as err:  # noqa: BLE001 - truncated/foreign bytes, or a meta.json of another shape
+        raise UserError(f"{data_dir} is corrupt ({first_line(err)}); {REPREPARE}") from None
+    if not (len(prepared.mean) == len(prepared.std) == prepared.input_shape[0] and prepared.num_classes >= 2):
+        raise UserError(f"{meta_path} does not match {tensors_path}; {REPREPARE}")
+    return prepared
 
 
 # ---------------------------------------------------------------- batches

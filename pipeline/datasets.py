@@ -37,6 +37,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.datasets.utils import USER_AGENT, calculate_md5
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from pipeline.config import DataConfig
 from pipeline.errors import UserError
 
 TORCHVISION_DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -55,6 +56,31 @@ class RawDataset:
     test_images: torch.Tensor | None  # None: no official test split
     test_labels: torch.Tensor | None
     classes: list[str]
+    source: str = ""  # where it came from, for meta.json
+
+
+def load(cfg: DataConfig, root: Path) -> RawDataset:
+    """Any supported dataset decoded to uint8 tensors: the one entry point `prepare` uses.
+
+    `root` is where `download` put a torchvision dataset's raw files.
+    """
+    if cfg.name == "digits":
+        return load_digits()
+    if cfg.name == "folder":
+        return load_folder(Path(cfg.path), cfg.channels, cfg.image_size, cfg.skip_bad_images, cfg.follow_symlinks)
+    return load_raw(cfg.name, root)
+
+
+def load_digits() -> RawDataset:
+    """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 [N, 1, 8, 8]; no official test split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    # 17 grey levels spread over 0..255 keeps them distinct and lets digits share the uint8 format.
+    images = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(digits.target).long()
+    return RawDataset(images, labels, None, None, [str(name) for name in digits.target_names],
+                      source="sklearn.datasets.load_digits")
 
 
 # ---------------------------------------------------------------- download
@@ -250,7 +276,8 @@ def load_raw(name: str, root: Path) -> RawDataset:
     train_images_file, train_labels_file, test_images_file, test_labels_file = dataset.resources
     train_images, train_labels = load_idx_split(root, train_images_file, train_labels_file)
     test_images, test_labels = load_idx_split(root, test_images_file, test_labels_file)
-    return RawDataset(train_images, train_labels, test_images, test_labels, list(dataset.classes))
+    return RawDataset(train_images, train_labels, test_images, test_labels, list(dataset.classes),
+                      source=f"torchvision.datasets.{dataset.__name__}, official MD5s verified")
 
 
 def load_idx_split(root: Path, images_file: tuple[str, str], labels_file: tuple[str, str]
@@ -308,27 +335,21 @@ def load_cifar10(folder: Path) -> RawDataset:
     test_images, test_labels = batches(CIFAR10.test_list)
     names = unpickle(CIFAR10.meta["filename"], CIFAR10.meta["md5"])[CIFAR10.meta["key"].encode()]
     classes = [name.decode() if isinstance(name, bytes) else name for name in names]
-    return RawDataset(train_images, train_labels, test_images, test_labels, classes)
+    return RawDataset(train_images, train_labels, test_images, test_labels, classes,
+                      source="torchvision.datasets.CIFAR10, official MD5s verified")
 
 
 # ---------------------------------------------------------------- image folders
 
-def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: bool) -> RawDataset:
+def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: bool,
+                follow_symlinks: bool = False) -> RawDataset:
     """ImageFolder-style dir (one sub-folder per class) decoded to tensors; test_* are None (no official test split).
 
     Classes are the sub-folders sorted by name, as in torchvision's
     ImageFolder; files without an image extension (.txt, .DS_Store) are ignored.
     """
     image_mode(channels)
-    if not path.is_dir():
-        raise UserError(f"image folder not found: {path}")
-    classes = sorted(entry.name for entry in path.iterdir() if entry.is_dir())
-    if len(classes) < 2:
-        raise UserError(f"{path} needs at least 2 class sub-folders, found {len(classes)}")
-    files = {name: image_files(path / name) for name in classes}
-    for name, paths in files.items():
-        if not paths:
-            raise UserError(f"class folder {path / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    classes, files = scan_folder(path, follow_symlinks)
     paths = [file for name in classes for file in files[name]]
     labels = [label for label, name in enumerate(classes) for _ in files[name]]
     decoded = decode_images(paths, channels, image_size, skip_bad_images)
@@ -340,25 +361,64 @@ def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: boo
         if emptied:
             raise UserError(f"class folder {path / classes[emptied[0]]} holds no readable images")
     images, kept_labels = zip(*kept)
-    return RawDataset(torch.stack(images), torch.tensor(kept_labels), None, None, classes)
+    return RawDataset(torch.stack(images), torch.tensor(kept_labels), None, None, classes,
+                      source=str(path.resolve()))
 
 
-def folder_manifest(folder: Path) -> dict:
+def scan_folder(root: Path, follow_symlinks: bool = False) -> tuple[list[str], dict[str, list[Path]]]:
+    """(classes, image files per class) of an image folder: what `prepare` decodes and `download` tracks.
+
+    A symlink whose target lies outside `root` is refused unless
+    `follow_symlinks` is set: data reached that way would change without DVC
+    (or the manifest) knowing, or expose files the user never meant to share.
+    """
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root}")
+    inside = root.resolve()
+
+    def check(entry: Path) -> None:
+        if entry.is_symlink() and not follow_symlinks and not entry.resolve().is_relative_to(inside):
+            raise UserError(f"{entry} is a symlink to {entry.resolve()}, outside {root}: copy the files in, or set "
+                            "data.follow_symlinks=true to follow such links (their content is then tracked too)")
+
+    entries = sorted(root.iterdir())
+    for entry in entries:
+        check(entry)
+    classes = [entry.name for entry in entries if entry.is_dir()]
+    if len(classes) < 2:
+        raise UserError(f"{root} needs at least 2 class sub-folders, found {len(classes)}")
+    files = {name: image_files(root / name, check) for name in classes}
+    for name, paths in files.items():
+        if not paths:
+            raise UserError(f"class folder {root / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    return classes, files
+
+
+def folder_manifest(folder: Path, follow_symlinks: bool = False) -> dict:
     """Every image of an image folder with its size and MD5: what DVC tracks for a folder outside the repo."""
-    if not folder.is_dir():
-        raise UserError(f"image folder not found: {folder}")
-    files = image_files(folder)
-    if not files:
-        raise UserError(f"image folder has no images: {folder}")
+    classes, files = scan_folder(folder, follow_symlinks)
     return {"source": str(folder.resolve()),
             "files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "md5": calculate_md5(str(p))}
-                      for p in files}}
+                      for name in classes for p in files[name]}}
 
 
-def image_files(folder: Path) -> list[Path]:
-    # Recursive and sorted, like ImageFolder's make_dataset.
-    return sorted(path for path in folder.rglob("*")
-                  if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS))
+def image_files(folder: Path, check=lambda entry: None) -> list[Path]:
+    """Image files under `folder`, recursive and sorted like ImageFolder's make_dataset; `check` sees every entry.
+
+    Symlinked sub-folders are walked (once each: a link loop cannot trap the walk).
+    """
+    found, seen = [], set()
+    for directory, subdirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        for name in sorted(subdirs) + sorted(names):
+            check(Path(directory) / name)
+        found += [Path(directory) / name for name in names
+                  if has_file_allowed_extension(name, IMG_EXTENSIONS) and (Path(directory) / name).is_file()]
+    return sorted(found)
 
 
 def decode_images(paths: list[Path], channels: int, image_size: int,

@@ -19,27 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import files
 from pipeline.config import TrainConfig
-from pipeline.errors import UserError
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-    seconds: float
-    samples_per_s: float
+from pipeline.errors import UserError, first_line, shorten
+from pipeline.metrics import EpochMetrics, is_better, worst
 
 
 class Callback:
     """Hooks the loop calls. Raising from `on_epoch_end` stops training (e.g. a pruned trial)."""
 
-    def on_fit_start(self, model: nn.Module, start_epoch: int) -> None:
-        pass
+    def on_fit_start(self, model: nn.Module, history: list[EpochMetrics]) -> None:
+        """`history`: the epochs a resumed run already has (empty when it starts fresh)."""
 
     def on_epoch_end(self, metrics: EpochMetrics) -> None:
         pass
@@ -69,6 +59,16 @@ class NonFiniteLossError(UserError):
 # ---------------------------------------------------------------- environment
 
 def resolve_device(name: str) -> torch.device:
+    """train.device as a torch device; asking for a device this machine lacks is a user error."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device={name}, but this machine has no CUDA device; use auto or cpu")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise UserError(f"train.device={name}, but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s): use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("train.device=mps, but MPS (Apple GPU) is not available here; use auto or cpu")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -133,49 +133,52 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
 # ---------------------------------------------------------------- checkpoints
 
 class Checkpoints:
-    """`last.pt` (everything needed to resume exactly) and `best.pt` in one folder.
+    """The resume point of one training run: `<directory>/<key>.pt`, rewritten after every epoch.
 
-    Files are written to a temporary name and renamed, so an interrupted save
-    never leaves a torn checkpoint. A checkpoint is only resumed when its config
-    fingerprint matches: a changed config starts fresh instead of mixing runs.
+    `key` names everything the result depends on (the caller builds it from the
+    config, the data and the code), so a resume point is only ever picked up by
+    the same run, and runs with other keys never touch it. The caller removes
+    it once the run's outputs are written: a finished run is never resumed.
+    `meta` travels with the state (e.g. the tracking run to continue).
     """
 
-    def __init__(self, directory: Path, fingerprint: str):
-        self.directory, self.fingerprint = Path(directory), fingerprint
+    def __init__(self, directory: Path, key: str, meta: dict | None = None):
+        self.directory, self.key, self.meta = Path(directory), key, dict(meta or {})
+        self._loaded: dict | None = None
 
     @property
-    def last(self) -> Path:
-        return self.directory / "last.pt"
+    def path(self) -> Path:
+        return self.directory / f"{self.key}.pt"
 
-    @property
-    def best(self) -> Path:
-        return self.directory / "best.pt"
+    def load(self) -> dict | None:
+        """The saved state of this run, or None; says so when it ignores resume points of other runs."""
+        if self._loaded is None and self.path.exists():
+            self._loaded = self._read(self.path)
+            self.meta = {**self._loaded.get("meta", {}), **self.meta}
+        elif self._loaded is None:
+            others = sorted(self.directory.glob("*.pt")) if self.directory.is_dir() else []
+            if others:
+                print(f"starting fresh: {len(others)} resume point(s) in {self.directory} belong to another "
+                      "config, data or code version (kept for their own runs)", file=sys.stderr)
+        return self._loaded
 
-    def save(self, state: dict, is_best: bool) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        state = {**state, "fingerprint": self.fingerprint}
-        if is_best:
-            best = {key: value for key, value in state.items() if key != "best_state"}
-            _atomic_save(best, self.best)
-        _atomic_save(state, self.last)
-
-    def load_resumable(self) -> dict | None:
-        if not self.last.exists():
-            return None
-        state = torch.load(self.last, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
-            print(f"ignoring {self.last}: it belongs to another config", file=sys.stderr)
-            return None
+    def _read(self, path: Path) -> dict:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing = {"epoch", "model", "optimizer", "history", "rng"} - set(state)
+        except Exception as err:  # noqa: BLE001 - truncated, empty or foreign bytes all mean "unusable"
+            missing, reason = None, shorten(first_line(err), 80)
+        else:
+            reason = f"it lacks {', '.join(sorted(missing))}" if missing else ""
+        if missing is None or missing:
+            raise UserError(f"resume point {path} is unreadable ({reason}): delete it to train from scratch")
         return state
 
-    def clear_resume_point(self) -> None:
-        self.last.unlink(missing_ok=True)
+    def save(self, state: dict) -> None:
+        files.save_torch({**state, "meta": self.meta}, self.path)
 
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the loop
@@ -196,11 +199,10 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler, step_per_batch = build_scheduler(optimizer, cfg, len(train_batches))
-    higher_is_better = cfg.monitor == "val_accuracy"
 
     history: list[EpochMetrics] = []
-    best_epoch, best_score, best_state, bad_epochs = 0, -math.inf if higher_is_better else math.inf, {}, 0
-    resumed = checkpoints.load_resumable() if (checkpoints and cfg.resume) else None
+    best_epoch, best_score, best_state, bad_epochs = 0, worst(cfg.monitor), {}, 0
+    resumed = checkpoints.load() if (checkpoints and cfg.resume) else None
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -211,10 +213,10 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
         best_epoch, best_score, best_state = resumed["best_epoch"], resumed["best_score"], resumed["best_state"]
         bad_epochs = resumed["bad_epochs"]
         _restore_rng(resumed["rng"], train_batches)
-        print(f"resuming from {checkpoints.last} after epoch {len(history)}", file=sys.stderr)
+        print(f"resuming from {checkpoints.path} after epoch {len(history)}", file=sys.stderr)
 
     for callback in callbacks:
-        callback.on_fit_start(model, len(history) + 1)
+        callback.on_fit_start(model, list(history))
     started = time.perf_counter()
     stopped_early = False
     for epoch in range(len(history) + 1, cfg.epochs + 1):
@@ -223,20 +225,20 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
             break
         tick = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_accuracy, seen = _train_one_epoch(
+        train_loss, train_accuracy, seen = train_one_epoch(
             forward, criterion, optimizer, scaler, scheduler if step_per_batch else None,
             train_batches, cfg, dtype, device, epoch)
         val_loss, val_accuracy = evaluate(forward, val_batches, dtype, device)
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(f"training loss became {train_loss} in epoch {epoch} (lr={lr:g})")
-        score = val_accuracy if cfg.monitor == "val_accuracy" else val_loss
-        if scheduler is not None and not step_per_batch:
-            scheduler.step(score) if cfg.scheduler == "plateau" else scheduler.step()
         seconds = time.perf_counter() - tick
         metrics = EpochMetrics(epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds, seen / seconds)
         history.append(metrics)
+        score = getattr(metrics, cfg.monitor)
+        if scheduler is not None and not step_per_batch:
+            scheduler.step(score) if cfg.scheduler == "plateau" else scheduler.step()
 
-        improved = score > best_score if higher_is_better else score < best_score
+        improved = is_better(cfg.monitor, score, best_score)
         if improved:
             best_epoch, best_score, bad_epochs = epoch, score, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -249,7 +251,7 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
                 "scaler": scaler.state_dict(), "history": [asdict(m) for m in history],
                 "best_epoch": best_epoch, "best_score": best_score, "best_state": best_state,
                 "bad_epochs": bad_epochs, "rng": _capture_rng(train_batches),
-            }, is_best=improved)
+            })
         for callback in callbacks:
             callback.on_epoch_end(metrics)
 
@@ -259,7 +261,7 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
     return result
 
 
-def _train_one_epoch(model, criterion, optimizer, scaler, batch_scheduler, batches, cfg: TrainConfig,
+def train_one_epoch(model, criterion, optimizer, scaler, batch_scheduler, batches, cfg: TrainConfig,
                      dtype, device: torch.device, epoch: int) -> tuple[float, float, int]:
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -343,4 +345,4 @@ class ConsoleLog(Callback):
     def on_epoch_end(self, m: EpochMetrics) -> None:
         print(f"[{self.name}] epoch {m.epoch:>3}/{self.epochs} train_loss {m.train_loss:.4f} "
               f"train_acc {m.train_accuracy:.4f} val_loss {m.val_loss:.4f} val_acc {m.val_accuracy:.4f} "
-              f"lr {m.lr:.2e} {m.seconds:.2f}s", flush=True)
+              f"lr {m.lr:.2e} {m.epoch_seconds:.2f}s", flush=True)

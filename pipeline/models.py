@@ -5,13 +5,13 @@ Every builder adapts to the data: input shape (C, H, W) and number of classes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline import files
 from pipeline.config import Config, ModelConfig
 from pipeline.errors import UserError, first_line
 
@@ -75,6 +75,7 @@ def resnet18(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
     return model
 
 
+# One builder per name of config.ModelName (a test keeps the two in step).
 BUILDERS: dict[str, Callable[[ModelConfig, Shape, int], nn.Module]] = {
     "logreg": logistic_regression,
     "mlp": mlp,
@@ -108,13 +109,14 @@ class Classifier(nn.Module):
 
 def save_model(path: Path, state_dict: dict, cfg: Config, classes: list[str], input_shape: Shape,
                mean: list[float], std: list[float], **info) -> None:
-    """Weights plus everything needed to rebuild and feed the model; loads with weights_only=True."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"state_dict": state_dict, "config": cfg.model_dump(), "classes": list(classes),
+    """Weights plus everything needed to rebuild and feed the model; loads with weights_only=True.
+
+    Only what determines the model goes in (no run ids, no timings): a deterministic re-run writes the same bytes,
+    so DVC sees no change.
+    """
+    payload = {"state_dict": state_dict, "config": cfg.public(), "classes": list(classes),
                "input_shape": list(input_shape), "mean": list(mean), "std": list(std), **info}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    files.save_torch(payload, path)
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict]:
@@ -123,11 +125,11 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
         raise UserError(f"model file missing: {path} (train it first: `dvc repro` or `python -m pipeline train`)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        model = build_model(ModelConfig.model_validate(payload["config"]["model"]), payload["input_shape"],
+                            len(payload["classes"]))
+        model.load_state_dict(payload["state_dict"])
+    except Exception as err:  # noqa: BLE001 - any unreadable or foreign file is the same user-facing problem
         raise UserError(f"cannot read model file {path}: {first_line(err)}") from None
-    model = build_model(ModelConfig.model_validate(payload["config"]["model"]), payload["input_shape"],
-                        len(payload["classes"]))
-    model.load_state_dict(payload["state_dict"])
     return model.eval(), payload
 
 

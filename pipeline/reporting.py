@@ -1,61 +1,20 @@
-"""Files for people and for DVC: csv/json/markdown tables and matplotlib PNGs.
+"""Files for people and for DVC: markdown tables, long-format curve CSVs and matplotlib PNGs.
 
-All writes go through `write_text` (temp file + rename), so an interrupted
-stage never leaves half a report that looks whole.
+Every file goes through `files` (atomic writes). Nothing here holds wall-clock
+times: these files are git-tracked or DVC outputs, and a deterministic re-run
+must write the same bytes.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+from pipeline import files
+from pipeline.metrics import EpochMetrics
 
 
-def write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def copy_file(source: Path, dest: Path) -> None:
-    """Byte copy under a temporary name, then rename: like every write here."""
-    import shutil
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
-
-
-def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
-
-
-def write_csv(path: Path, header: Sequence[str], rows) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
-
-def history_rows(history) -> list[list]:
-    return [[m.epoch, *(round(getattr(m, c), 6) for c in HISTORY_COLUMNS[1:])] for m in history]
-
-
-def long_curve_rows(histories: dict[str, Sequence]) -> list[list]:
+def long_curve_rows(histories: dict[str, Sequence[EpochMetrics]]) -> list[list]:
     """One row per (run, epoch, split): the shape DVC's `by_run` template colours by run."""
     rows = []
     for run, history in histories.items():
@@ -63,6 +22,9 @@ def long_curve_rows(histories: dict[str, Sequence]) -> list[list]:
             rows.append([m.epoch, run, "train", round(m.train_loss, 6), round(m.train_accuracy, 6)])
             rows.append([m.epoch, run, "val", round(m.val_loss, 6), round(m.val_accuracy, 6)])
     return rows
+
+
+LONG_CURVE_COLUMNS = ("epoch", "run", "split", "loss", "accuracy")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -131,10 +93,11 @@ def plot_samples(images, labels: Sequence[str], path: Path, title: str) -> None:
 
 
 def save_figure(fig, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    """PNG with everything inside the canvas (bbox_inches="tight" keeps long labels and legends whole)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    files.write_bytes(path, buffer.getvalue())
     fig.clear()
     pyplot().close(fig)

@@ -1,99 +1,202 @@
-"""Optuna search through the shared training loop.
+"""Optuna search through the shared training loop: every Optuna call of the pipeline lives here.
 
 The loop knows nothing of Optuna: `OptunaPruning` reports each epoch's
-validation metric to the trial and raises `TrialPruned` when the pruner says so.
-Several worker processes may run one study; a file lock around "count trials,
-then start one" keeps the total at exactly `tune.n_trials`.
+validation metric to the trial and raises `TrialPruned` when the pruner says
+so. Trials are driven by ask/tell, so any number of processes (and machines)
+can work on one study:
+
+- `StudyLock` (a file lock beside a local storage, an advisory lock inside
+  PostgreSQL) serialises what must happen once: creating the schema and the
+  study, its MLflow parent run, and "count the trials, then start one", which
+  keeps the study at exactly `tune.n_trials`;
+- every process draws its own sampler seed from the study (`seed` for the
+  first, then a new stream per process), so workers and resumed searches
+  propose new params while a single-worker search stays reproducible;
+- a trial whose process died is failed and retried: at once when it ran on
+  this host (its process is gone), after `grace_period` otherwise (heartbeats);
+- a run of `tune` finishes whatever the study lacks, waits for trials other
+  processes are still running, and fails only if the study cannot complete.
+
+Untracked searches never import MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from filelock import FileLock
 from optuna.trial import TrialState
 
-from pipeline import data, loop
-from pipeline.config import Config, SearchDimension, TuneConfig
-from pipeline.errors import UserError, first_line
+from pipeline import data, files, loop, paths, processes, training
+from pipeline.config import Config, SearchDimension, TuneConfig, study_keys
+from pipeline.errors import UserError, first_line, redact
+from pipeline.metrics import EpochMetrics
 
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 TRIAL_FAILURES = (loop.NonFiniteLossError, torch.cuda.OutOfMemoryError)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OWNER = "worker"  # trial user attr: the process running it (see processes.py)
+POLL_S = 2.0  # how often a worker with nothing to start looks again
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from us instead
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# `heartbeats()` below does for ask/tell what Optuna's warning says only study.optimize does.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
+
+# ---------------------------------------------------------------- storage and locks
 
 def storage_url(cfg: TuneConfig) -> str:
-    from pipeline.tracking import project_root
+    return cfg.storage or paths.default_optuna_storage()
 
-    return cfg.storage or f"sqlite:///{project_root() / 'optuna.db'}"
+
+def _local_file(url: str) -> Path | None:
+    """The file behind a SQLite URL or a journal path; None for a database server."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None if "://" in url else Path(url)
+
+
+class StudyLock:
+    """One process at a time, across every process and machine that can reach the storage.
+
+    A local storage (SQLite, journal) gets a file lock beside its file; PostgreSQL
+    a session advisory lock, which machines sharing the database share too.
+    """
+
+    def __init__(self, url: str, name: str = "schema"):
+        self.url, self.name = url, name
+        local = _local_file(url)
+        if local is not None:
+            from filelock import FileLock
+
+            self._file = FileLock(f"{local}.study-lock")  # not `.lock`: Optuna's journal takes that name itself
+            self._engine = None
+        elif url.startswith(("postgresql", "postgres")):
+            import sqlalchemy
+
+            self._file = None
+            self._engine = sqlalchemy.create_engine(_sqlalchemy_url(url), poolclass=sqlalchemy.pool.NullPool)
+            self._key = int.from_bytes(hashlib.sha256(f"pipeline-study:{name}".encode()).digest()[:8], "big",
+                                       signed=True)
+            self._connection = None
+        else:
+            raise UserError(f"tune.storage {redact(url)!r}: use a SQLite URL, a postgresql:// URL or a journal "
+                            "file path (other databases have no lock this pipeline can share across machines)")
+
+    def __enter__(self) -> StudyLock:
+        if self._file is not None:
+            self._file.acquire()
+        else:
+            import sqlalchemy
+
+            self._connection = self._engine.connect()
+            self._connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.release()
+        elif self._connection is not None:
+            import sqlalchemy
+
+            try:
+                self._connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+            finally:
+                self._connection.close()
+                self._connection = None
+
+
+def _sqlalchemy_url(url: str) -> str:
+    """postgresql:// as users copy it from docs means psycopg 3 here (SQLAlchemy 2.1 default); say so explicitly."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url.removeprefix(plain)
+    return url
 
 
 def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
-    """An RDB URL (SQLite with a busy timeout, PostgreSQL, MySQL), or a journal file for a path."""
+    """An RDB URL (SQLite with a busy timeout, PostgreSQL) or a journal file path; the schema is created once,
+    under the storage's lock, however many processes start at the same moment."""
     url = storage_url(cfg)
-    if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend
+    local = _local_file(url)
+    if local is not None and not local.parent.is_dir():
+        raise UserError(f"tune.storage: folder {local.parent} does not exist; create it or fix the path")
+    try:
+        with StudyLock(url):
+            if "://" not in url:
+                from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # Writers wait for each other instead of failing with "database is locked".
-        engine = {"connect_args": {"timeout": 120}}
-    else:
-        engine = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+                return optuna.storages.JournalStorage(JournalFileBackend(str(local)))
+            # SQLite writers wait for each other instead of failing with "database is locked".
+            engine = {"connect_args": {"timeout": 120}} if local else {"pool_pre_ping": True}
+            return optuna.storages.RDBStorage(
+                _sqlalchemy_url(url), engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
+                grace_period=cfg.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except ImportError as err:
+        raise UserError(f"tune.storage {redact(url)}: database driver missing ({first_line(err)}); install it with "
+                        "`pip install -e '.[postgres]'`") from None
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy/driver errors: unreachable server, bad credentials
+        raise UserError(f"cannot open tune.storage {redact(url)}: {redact(first_line(err))}") from None
 
 
-def study_name(cfg: Config) -> str:
-    """dataset-model-hash: same search (space, data, model, loop settings) -> same study, so it resumes."""
-    runtime = {"n_trials", "timeout", "workers", "storage", "heartbeat_interval", "grace_period"}
-    searched = cfg.model_dump(exclude={"tracking": True, "tune": runtime})
-    digest = hashlib.sha256(json.dumps(searched, sort_keys=True).encode()).hexdigest()[:8]
+# ---------------------------------------------------------------- the study
+
+def study_name(cfg: Config, data_md5: str) -> str:
+    """dataset-model-hash of the search's definition and its data: same search -> same study, so it resumes;
+    other data -> another study (trials on other data must never pick the final model)."""
+    searched = {key: cfg.value(key) for key in study_keys()}
+    digest = hashlib.sha256(json.dumps([searched, data_md5], sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.data.name}-{cfg.model.name}-{digest}"
 
 
-def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     tune = cfg.tune
     if tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if tune.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=cfg.seed, n_startup_trials=tune.startup_trials)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=tune.startup_trials)
     if tune.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=cfg.seed, n_startup_trials=tune.startup_trials)
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=tune.startup_trials)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=tune.startup_trials)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.startup_trials)
 
 
-def make_pruner(tune: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs)
     if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.warmup_epochs), max_resource=epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.warmup_epochs), max_resource=tune.epochs)
     if tune.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, tune.warmup_epochs))
     return optuna.pruners.NopPruner()
+
+
+def sampler_seed(seed: int, stream: int) -> int:
+    """`seed` itself for the first process of a study; a distinct, derived seed for every later one."""
+    if stream == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:4], "big")
 
 
 def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str, Any]:
     values = {}
     for key, dim in space.items():
         if dim.choices is not None:
-            if all(isinstance(c, (str, int, float, bool, type(None))) for c in dim.choices):
+            if _scalar_choices(dim):
                 values[key] = trial.suggest_categorical(key, dim.choices)
             else:  # Optuna's categoricals are scalars; lists (e.g. layer widths) travel as JSON
                 values[key] = json.loads(trial.suggest_categorical(key, [json.dumps(c) for c in dim.choices]))
@@ -104,110 +207,226 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str,
     return values
 
 
+def _scalar_choices(dim: SearchDimension) -> bool:
+    return all(isinstance(c, (str, int, float, bool, type(None))) for c in dim.choices)
+
+
 def decoded_params(trial: optuna.trial.FrozenTrial, space: dict[str, SearchDimension]) -> dict[str, Any]:
-    return {key: json.loads(value) if isinstance(value, str) and space[key].choices is not None
-            and not any(isinstance(c, str) for c in space[key].choices) else value
+    return {key: value if _scalar_choices_or_range(space[key]) else json.loads(value)
             for key, value in trial.params.items()}
 
+
+def _scalar_choices_or_range(dim: SearchDimension) -> bool:
+    return dim.choices is None or _scalar_choices(dim)
+
+
+def default_params(cfg: Config) -> tuple[dict[str, Any], list[str]]:
+    """(the searched params' values in params.yaml as Optuna spells them, the keys whose value lies outside
+    the space); the defaults make a trial only when nothing lies outside."""
+    values, outside = {}, []
+    for key, dim in cfg.tune.space.items():
+        value = cfg.value(key)
+        if dim.choices is not None:
+            values[key] = value if _scalar_choices(dim) else json.dumps(value)
+            inside = value in dim.choices
+        else:
+            values[key] = value
+            inside = dim.low <= value <= dim.high
+        if not inside:
+            outside.append(key)
+    return values, outside
+
+
+@dataclass
+class Search:
+    """What every trial of one process shares: config, data on the device, the study and its MLflow parent."""
+
+    cfg: Config
+    prepared: data.PreparedData
+    device: torch.device
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    lock: StudyLock
+    parent_run_id: str | None = None
+    running: set[int] = field(default_factory=set)  # trial ids this process runs (heartbeats)
+
+    def trial_config(self, params: dict[str, Any]) -> Config:
+        return self.cfg.with_overrides({**params, "train.epochs": self.cfg.tune.epochs,
+                                        "train.monitor": self.cfg.tune.metric, "train.resume": False})
+
+
+def open_search(cfg: Config, prepared_dir: Path) -> Search:
+    """Load (or create, once) the study; this process gets its own sampler stream."""
+    device = loop.resolve_device(cfg.train.device)
+    prepared = data.load_prepared(prepared_dir)
+    storage = open_storage(cfg.tune)
+    name = study_name(cfg, prepared.md5)
+    lock = StudyLock(storage_url(cfg.tune), name)
+    with lock:
+        study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+                                    direction=cfg.tune.direction)
+        if not study.metric_names:
+            study.set_metric_names([cfg.tune.metric])  # the dashboard's axis reads "val_loss", not "Objective 0"
+        if not study.trials:
+            # the untuned settings are trial 0: a search never hands over something worse on validation
+            defaults, outside = default_params(cfg)
+            if outside:
+                print(f"[tune] params.yaml's {', '.join(outside)} lie outside tune.space: the untuned settings are "
+                      "not a trial of this search", file=sys.stderr)
+            else:
+                study.enqueue_trial(defaults, user_attrs={"origin": "params.yaml"})
+        stream = study.user_attrs.get("sampler_streams", 0)
+        study.set_user_attr("sampler_streams", stream + 1)
+    study.sampler = make_sampler(cfg, sampler_seed(cfg.seed, stream))
+    study.pruner = make_pruner(cfg.tune)
+    return Search(cfg, prepared.to(device), device, study, storage, lock)  # data moved once per process, not per trial
+
+
+# ---------------------------------------------------------------- trials
 
 class OptunaPruning(loop.Callback):
     """Reports the validation metric per epoch; stops the loop when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, metric: str):
         self.trial, self.metric = trial, metric
+        self.last: tuple[int, float] = (0, float("nan"))  # (epoch, value) last reported
 
-    def on_epoch_end(self, metrics: loop.EpochMetrics) -> None:
-        self.trial.report(getattr(metrics, self.metric), metrics.epoch)
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        self.last = (metrics.epoch, getattr(metrics, self.metric))
+        self.trial.report(self.last[1], metrics.epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
 
 
-@dataclass
-class Search:
-    """What every trial of one worker shares: config, data on the device, the study and its MLflow parent."""
-
-    cfg: Config
-    prepared: data.PreparedData
-    device: torch.device
-    study: optuna.Study
-    slot: FileLock
-    parent_run_id: str | None = None
-
-    def trial_config(self, trial: optuna.Trial) -> Config:
-        epochs = self.cfg.tune.epochs or self.cfg.train.epochs
-        return self.cfg.with_overrides({**suggest(trial, self.cfg.tune.space), "train.epochs": epochs,
-                                        "train.monitor": self.cfg.tune.metric, "train.resume": False})
-
-    def objective(self, trial: optuna.Trial) -> float:
-        self.slot.release()  # the trial exists now: other workers may count it and start theirs
-        from pipeline.stages import tracked_run, training_setup
-
-        cfg = self.trial_config(trial)
-        model, *batches = training_setup(cfg, self.prepared, self.device)
-        name = f"trial-{trial.number:03d}"
-        state = "FAIL"
-        try:
-            with tracked_run(cfg, f"{self.study.study_name}-{name}", self.prepared.md5, role="trial",
-                             parent_run_id=self.parent_run_id, finished_on=(optuna.TrialPruned,)) as run:
-                # tracking first: a pruned trial's last epoch must still reach MLflow
-                callbacks = ([run.metrics] if run else []) + [OptunaPruning(trial, cfg.tune.metric)]
-                if run:
-                    import mlflow
-
-                    trial.set_user_attr("mlflow_run_id", run.run_id)
-                    mlflow.set_tags({"optuna.study": self.study.study_name, "optuna.trial": trial.number})
-                try:
-                    result = loop.fit(model, *batches, cfg.train, self.device, callbacks)
-                    state = "COMPLETE"
-                except optuna.TrialPruned:
-                    state = "PRUNED"
-                    raise
-                except TRIAL_FAILURES as err:
-                    trial.set_user_attr("fail_reason", first_line(err))
-                    raise
-                finally:
-                    if run:
-                        mlflow.set_tag("optuna.state", state)
-        finally:
-            print(f"[tune] {name} {state:<8} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                        for k, v in trial.params.items()), flush=True)
-            del model, batches
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # the next trial may build a bigger model
-        return result.best_score
+def _counts(study: optuna.Study) -> tuple[int, list[optuna.trial.FrozenTrial], int]:
+    """(finished trials, running trials, waiting trials)."""
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in FINISHED for t in trials)
+    return finished, [t for t in trials if t.state == TrialState.RUNNING], \
+        sum(t.state == TrialState.WAITING for t in trials)
 
 
-def counted_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=COUNTED))
+def _fail_dead_trials(search: Search) -> None:
+    """Fail (and retry) running trials whose process is gone: on this host by its pid, elsewhere by heartbeat."""
+    study, storage = search.study, search.storage
+    optuna.storages.fail_stale_trials(study)  # RDB heartbeats; a no-op for the journal
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER, "")
+        if processes.is_dead(owner):
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"its process {owner} died")
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                retry(study, storage.get_trial(trial._trial_id))
+                print(f"[tune] trial {trial.number} FAIL     its process {owner} died; queued for a retry",
+                      flush=True)
 
 
-def run_worker(search: Search) -> None:
-    """Start trials until the study holds n_trials counted trials (or this worker's timeout passes)."""
+def _next_trial(search: Search) -> optuna.Trial | None | bool:
+    """Under the study lock: a new (or waiting) trial to run, None if the study is full, False to wait."""
     tune = search.cfg.tune
-    deadline = time.monotonic() + tune.timeout if tune.timeout else None
-    while deadline is None or time.monotonic() < deadline:
-        search.slot.acquire()
-        try:
-            optuna.storages.fail_stale_trials(search.study)  # a SIGKILLed worker's trial is retried (no-op without heartbeats)
-            if counted_trials(search.study) >= tune.n_trials:
-                break
-            search.study.optimize(search.objective, n_trials=1, catch=TRIAL_FAILURES, gc_after_trial=True)
-        finally:
-            if search.slot.is_locked:
-                search.slot.release()
+    with search.lock:
+        _fail_dead_trials(search)
+        finished, running, waiting = _counts(search.study)
+        if finished >= tune.n_trials:
+            return None
+        if finished + len(running) >= tune.n_trials:
+            return False  # the rest are running elsewhere: wait, they may still fail and be retried
+        trial = search.study.ask()  # takes a waiting (enqueued or retried) trial first
+        trial.set_user_attr(OWNER, processes.identity())
+        search.running.add(trial._trial_id)
+        return trial
 
 
-def open_search(cfg: Config, prepared_dir: Path) -> Search:
-    name = study_name(cfg)
-    study = optuna.create_study(storage=open_storage(cfg.tune), study_name=name, load_if_exists=True,
-                                direction=cfg.tune.direction, sampler=make_sampler(cfg),
-                                pruner=make_pruner(cfg.tune, cfg.tune.epochs or cfg.train.epochs))
-    slot_path = Path(tempfile.gettempdir()) / (
-        "pipeline-tune-" + hashlib.sha256(f"{storage_url(cfg.tune)}|{name}".encode()).hexdigest()[:16] + ".lock")
-    device = loop.resolve_device(cfg.train.device)
-    prepared = data.load_prepared(prepared_dir).to(device)  # once per worker, not once per trial
-    return Search(cfg, prepared, device, study, FileLock(slot_path))
+def run_trial(search: Search, trial: optuna.Trial) -> None:
+    """Train one trial through the shared loop; tell the study how it ended (also on Ctrl-C)."""
+    tick = time.perf_counter()
+    params = suggest(trial, search.cfg.tune.space)
+    cfg = search.trial_config(params)
+    state, value, note = TrialState.FAIL, None, "interrupted"
+    model = batches = None
+    try:
+        model, *batches = training.setup(cfg, search.prepared, search.device)
+        with training.tracked_run(cfg, f"{search.study.study_name}-trial-{trial.number:03d}", "trial",
+                                  search.prepared.md5, parent_run_id=search.parent_run_id,
+                                  finished_on=(optuna.TrialPruned,),
+                                  tags={"optuna.study": search.study.study_name,
+                                        "optuna.trial": str(trial.number)}) as run:
+            if run:
+                trial.set_user_attr("mlflow_run_id", run.run_id)
+            # tracking first: a pruned trial's last epoch must still reach MLflow
+            pruning = OptunaPruning(trial, cfg.tune.metric)
+            callbacks = ([run.metrics] if run else []) + [pruning]
+            try:
+                result = loop.fit(model, *batches, cfg.train, search.device, callbacks)
+                state, value = TrialState.COMPLETE, result.best_score
+            except optuna.TrialPruned:
+                state, (epoch, last) = TrialState.PRUNED, pruning.last
+                note = f"{cfg.tune.metric} {last:.4f} at epoch {epoch}"
+                raise
+            except TRIAL_FAILURES as err:
+                note = first_line(err)
+                trial.set_user_attr("fail_reason", note)
+                raise
+            finally:
+                if run:
+                    run.set_tags({"optuna.state": state.name})
+    except (optuna.TrialPruned, *TRIAL_FAILURES):
+        pass  # told below; the study goes on
+    finally:
+        search.study.tell(trial, value, state=state)
+        search.running.discard(trial._trial_id)
+        shown = f"{cfg.tune.metric} {value:.4f}" if value is not None else note
+        print(f"[tune] trial {trial.number:>3} {state.name:<8} {shown} in {time.perf_counter() - tick:.1f}s  "
+              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
+              flush=True)
+        del model, batches
+        gc.collect()
+        if search.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next trial may build a bigger model
 
+
+@contextlib.contextmanager
+def heartbeats(search: Search):
+    """Record heartbeats of this process's running trials (RDB storages), as `study.optimize` would."""
+    storage = search.storage
+    interval = search.cfg.tune.heartbeat_interval
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(interval):
+            for trial_id in list(search.running):
+                with contextlib.suppress(Exception):  # a finished trial's last beat may race its tell
+                    storage.record_heartbeat(trial_id)
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run_worker(search: Search) -> bool:
+    """Run trials until the study holds n_trials finished ones; False if this worker's timeout came first."""
+    timeout = search.cfg.tune.timeout
+    deadline = time.monotonic() + timeout if timeout else None
+    with heartbeats(search):
+        while deadline is None or time.monotonic() < deadline:
+            trial = _next_trial(search)
+            if trial is None:
+                return True
+            if trial is False:
+                time.sleep(POLL_S)
+                continue
+            run_trial(search, trial)
+    return False
+
+
+# ---------------------------------------------------------------- the stage
 
 def work(cfg: Config, prepared_dir: Path) -> None:
     """One of several worker processes started by `tune`: trials only, no reports."""
@@ -216,71 +435,75 @@ def work(cfg: Config, prepared_dir: Path) -> None:
     run_worker(search)
 
 
-def tune(cfg: Config, prepared_dir: Path, out_dir: Path, worker_args: list[str]) -> dict:
+def tune(cfg: Config, prepared_dir: Path, worker_args: list[str]) -> dict:
     """Run the search with `tune.workers` processes, then write reports; returns the best-params record."""
+    if not cfg.tune.space:
+        raise UserError("tune.space is empty: declare at least one param to search")
     search = open_search(cfg, prepared_dir)
     study = search.study
-    print(f"[tune] study {study.study_name} on {_redacted(storage_url(cfg.tune))}: "
-          f"{counted_trials(study)}/{cfg.tune.n_trials} trials so far, {cfg.tune.workers} worker(s)", flush=True)
-    with parent_run(cfg, search) as parent:
-        if cfg.tune.workers == 1:
-            run_worker(search)
-        else:
+    finished, _, _ = _counts(study)
+    print(f"[tune] study {study.study_name} on {redact(storage_url(cfg.tune))}: {finished}/{cfg.tune.n_trials} "
+          f"trials finished so far, {cfg.tune.workers} worker(s)", flush=True)
+    with _parent_run(search) as parent:
+        if cfg.tune.workers > 1:
             _run_worker_processes(cfg.tune.workers, worker_args)
+        complete = run_worker(search)  # alone, or after the workers: runs whatever they left (retries)
         best = _best_trial(study)
         record = {"study": study.study_name, "metric": cfg.tune.metric, "direction": cfg.tune.direction,
                   "value": best.value, "trial": best.number, "params": decoded_params(best, cfg.tune.space)}
-        write_reports(study, record, out_dir)
+        write_reports(study, record, cfg)
         if parent:
-            parent.log_metrics({f"best_{cfg.tune.metric}": best.value, "best_trial": best.number})
-            parent.log_artifacts(*sorted(out_dir.iterdir()))
-    counts = {state.name: len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
+            parent.log_metrics({f"best_{cfg.tune.metric}": best.value})
+            parent.set_tags({"optuna.best_trial": best.number})
+            parent.log_artifacts(paths.BEST_PARAMS, paths.TRIALS_CSV, *sorted(paths.TUNE_PLOTS.glob("*.png")))
+    counts = {state.name.lower(): n for state in TrialState
+              if (n := len(study.get_trials(deepcopy=False, states=(state,))))}
     print(f"[tune] best trial {best.number}: {cfg.tune.metric} {best.value:.4f} with {record['params']} "
-          f"({', '.join(f'{k.lower()} {v}' for k, v in counts.items() if v)})", flush=True)
+          f"({', '.join(f'{k} {v}' for k, v in counts.items())})", flush=True)
+    if not complete:
+        print(f"[tune] tune.timeout ({cfg.tune.timeout:g}s) reached with {_counts(study)[0]}/{cfg.tune.n_trials} "
+              "trials finished; the best so far is reported, and running `tune` again continues", flush=True)
     return record
 
 
 @contextlib.contextmanager
-def parent_run(cfg: Config, search: Search):
-    """The study's one MLflow parent run: created with the study, resumed with it, shared by all workers."""
-    from pipeline.stages import tracked_run
-
-    existing = search.study.user_attrs.get("mlflow_parent_run_id")
-    resume = existing if existing and cfg.tracking.enabled and _run_exists(cfg, existing) else None
-    with tracked_run(cfg, search.study.study_name, search.prepared.md5, role="study", run_id=resume) as run:
-        if run and not resume:
-            import mlflow
-
-            mlflow.set_tags({"optuna.study": search.study.study_name,
-                             "optuna.storage": _redacted(storage_url(cfg.tune))})
-            search.study.set_user_attr("mlflow_parent_run_id", run.run_id)
-        search.parent_run_id = run.run_id if run else None
-        yield run
-
-
-def _run_exists(cfg: Config, run_id: str) -> bool:
-    import mlflow
-
+def _parent_run(search: Search):
+    """The study's one MLflow parent run: created once (under the study lock), shared by every process."""
+    cfg, study = search.cfg, search.study
+    if not cfg.tracking.enabled:
+        yield None
+        return
     from pipeline import tracking
 
-    try:
-        tracking.connect(cfg.tracking).get_run(run_id)
-        return True
-    except mlflow.exceptions.MlflowException:
-        return False
+    with search.lock:
+        existing = study.user_attrs.get("mlflow_parent_run_id")
+        client = tracking.connect(cfg.tracking)
+        if not (existing and tracking.run_exists(client, existing)):
+            with tracking.TrackedRun(cfg, study.study_name, "study", search.prepared.md5, own_process=False,
+                                     tags={"optuna.study": study.study_name,
+                                           "optuna.storage": redact(storage_url(cfg.tune))}) as created:
+                existing = created.run_id
+            study.set_user_attr("mlflow_parent_run_id", existing)
+    search.parent_run_id = existing
+    # Shared by every process of the study: none of them owns it, so none is judged dead for it.
+    with tracking.TrackedRun(cfg, study.study_name, "study", search.prepared.md5, continue_run_id=existing,
+                             own_process=False) as run:
+        yield run
 
 
 def _run_worker_processes(workers: int, worker_args: list[str]) -> None:
     command = [sys.executable, "-m", "pipeline", "tune", "--worker", *worker_args]
-    processes = [subprocess.Popen(command) for _ in range(workers)]
+    children = [subprocess.Popen(command) for _ in range(workers)]
     try:
-        codes = [process.wait() for process in processes]
+        codes = [process.wait() for process in children]
     except KeyboardInterrupt:
-        for process in processes:
+        for process in children:
             process.terminate()
+        for process in children:
+            process.wait()
         raise
-    if any(codes):
-        raise UserError(f"tune: worker exit codes {codes}; see their errors above")
+    if any(codes):  # this process finishes what they left; it fails only if the study cannot complete
+        print(f"[tune] worker exit codes {codes}; finishing the study in this process", file=sys.stderr, flush=True)
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -291,38 +514,61 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
                         f"and the trials' fail_reason") from None
 
 
-def write_reports(study: optuna.Study, record: dict, out_dir: Path) -> None:
-    """best_params.json, trials.csv, and Optuna's own plots as PNGs."""
-    from pipeline import reporting
+# ---------------------------------------------------------------- reports
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reporting.write_json(out_dir / "best_params.json", record)
-    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration",
-                                          "datetime_start"))
-    reporting.write_text(out_dir / "trials.csv", frame.to_csv(index=False))
-    plt = reporting.pyplot()
+def trial_rows(study: optuna.Study, cfg: Config) -> tuple[list[str], list[list]]:
+    """trials.csv: number, state, value, the pruning epoch and the params; deterministic (no times, no run ids)."""
+    keys = list(cfg.tune.space)
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        last = max(trial.intermediate_values, default="")
+        params = decoded_params(trial, cfg.tune.space) if trial.params else {}
+        rows.append([trial.number, trial.state.name, "" if trial.value is None else round(trial.value, 6), last,
+                     trial.user_attrs.get("fail_reason", ""), *(params.get(key, "") for key in keys)])
+    return ["number", "state", cfg.tune.metric, "epochs", "fail_reason", *keys], rows
+
+
+def write_reports(study: optuna.Study, record: dict, cfg: Config) -> None:
+    """best_params.json, trials.csv, and Optuna's own plots as readable PNGs."""
     from optuna.visualization import matplotlib as optuna_plots
 
+    from pipeline import reporting
+
+    files.write_json(paths.BEST_PARAMS, record)
+    files.write_csv(paths.TRIALS_CSV, *trial_rows(study, cfg))
+    plt = reporting.pyplot()
+    metric = cfg.tune.metric
+    log_scale = metric == "val_loss"  # good losses differ by factors, not by a constant
     plots = {"optimization_history": optuna_plots.plot_optimization_history,
              "param_importances": optuna_plots.plot_param_importances,
              "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
              "intermediate_values": optuna_plots.plot_intermediate_values}
+    options = {"optimization_history": {"target_name": metric}, "parallel_coordinate": {"target_name": metric},
+               # fANOVA fits a random forest: seeded, or the same trials draw another picture every run
+               "param_importances": {"target_name": metric,
+                                     "evaluator": optuna.importance.FanovaImportanceEvaluator(seed=cfg.seed)}}
     for name, plot in plots.items():
         try:
-            axes = plot(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # e.g. a param with one value so far: flat axis
+                axes = plot(study, **options.get(name, {}))
         except (ValueError, RuntimeError) as err:  # e.g. importances need two completed trials
             print(f"[tune] skipped {name} plot: {err}", file=sys.stderr)
             continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-        figure.set_size_inches(10, 5)
-        reporting.save_figure(figure, out_dir / f"{name}.png")
+        ax = axes.flat[0] if hasattr(axes, "flat") else axes
+        figure = ax.get_figure()
+        figure.set_size_inches(11, 5.5)
+        if name in ("optimization_history", "intermediate_values") and log_scale:
+            ax.set_yscale("log")
+        if name == "intermediate_values":
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"{metric} per epoch (pruned trials stop early)")
+            if ax.get_legend():
+                ax.get_legend().remove()  # one line per trial: a 24-entry legend hides the lines
+        if name == "parallel_coordinate":
+            for label in ax.get_xticklabels():
+                label.set_rotation(20)
+                label.set_horizontalalignment("right")
+        figure.text(0.995, 0.995, f"study {study.study_name}", ha="right", va="top", fontsize=8, color="0.4")
+        reporting.save_figure(figure, paths.TUNE_PLOTS / f"{name}.png")
     plt.close("all")
-
-
-def _redacted(url: str) -> str:
-    """Storage URL without a password, for logs and tags."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
-    return url

@@ -7,6 +7,11 @@ settings; GPU tests are skipped automatically where there is no CUDA device.
 from __future__ import annotations
 
 import os
+
+# One thread per process: the suite runs two test workers, each starting pipeline processes, on machines of two
+# cores; more threads only oversubscribe them (10-50x slower epochs were measured that way).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 import shutil
 import subprocess
 import sys
@@ -40,13 +45,13 @@ def tiny_cfg() -> Config:
 
 @pytest.fixture(scope="session")
 def digits():
-    from pipeline import data
+    from pipeline import data, datasets
 
     cfg = load_config(REPO / "params.yaml")
-    images, labels, classes = data.load_digits_raw()
-    splits = data.split_dataset(images, labels, cfg.data, cfg.seed)
+    raw = datasets.load_digits()
+    splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.seed)
     mean, std = data.channel_stats(splits["train"].images)
-    return data.PreparedData(**splits, classes=classes, mean=mean, std=std)
+    return data.PreparedData(**splits, classes=raw.classes, mean=mean, std=std, md5="digits-fixture")
 
 
 def run_cli(*args: str, cwd: Path, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -69,11 +74,15 @@ def copy_repo(dest: Path) -> Path:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=dest, check=True)
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "baseline")
     return dest
+
+
+def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=repo,
+                          check=True, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -103,6 +112,25 @@ def edit_params(repo: Path, changes: dict) -> None:
 @pytest.fixture
 def tracked_env(tmp_path: Path, monkeypatch) -> dict:
     """MLFLOW_TRACKING_URI pointing at a real, empty SQLite store of this test (also for this process)."""
+    (tmp_path / "store").mkdir()
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return {"MLFLOW_TRACKING_URI": uri}
+
+
+def write_digit_folder(root, per_class=30):
+    """Real handwritten digits (sklearn's) as PNG files in one sub-folder per class, mixed sizes and modes."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    written = {}
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        if written.get(label, 0) == per_class:
+            continue
+        image = Image.fromarray((pixels * 255 / 16).astype("uint8"), "L").resize((16 + index % 3 * 8,) * 2)
+        folder = root / f"digit_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (image.convert("RGB") if index % 2 else image).save(folder / f"{index}.png")
+        written[label] = written.get(label, 0) + 1
+    return sum(written.values())

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from pipeline import data
+from pipeline.errors import UserError
 from pipeline.config import AugmentConfig
 
 
@@ -16,13 +18,30 @@ def test_digits_split_is_stratified_disjoint_and_complete(digits):
 
 
 def test_split_is_seeded(digits):
+    from pipeline import datasets
     from pipeline.config import DataConfig
 
-    images, labels, _ = data.load_digits_raw()
-    again = data.split_dataset(images, labels, DataConfig(), seed=42)
+    raw = datasets.load_digits()
+    again = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, DataConfig(), seed=42)
     assert torch.equal(again["val"].labels, digits.val.labels)
-    other = data.split_dataset(images, labels, DataConfig(), seed=7)
+    other = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, DataConfig(), seed=7)
     assert not torch.equal(other["val"].images, digits.val.images)
+
+
+@pytest.mark.parametrize("per_class, fractions, message", [
+    (1, {}, "class 'a' has 1 image(s) left to divide for data.test_fraction"),
+    (4, {"test_fraction": 0.05}, "data.test_fraction=0.05 carves 1 of 12 images, but a stratified split needs "
+                                 "at least 3"),
+    (10, {"val_fraction": 0.01}, "data.val_fraction=0.01 carves 1 of 24 images"),
+])
+def test_splits_too_small_for_every_class_are_one_line_errors(per_class, fractions, message):
+    from pipeline.config import DataConfig
+
+    labels = torch.arange(3).repeat_interleave(per_class)
+    images = torch.zeros(len(labels), 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(UserError) as err:
+        data.split_dataset(images, labels, ["a", "b", "c"], DataConfig(**fractions), seed=0)
+    assert message in str(err.value)
 
 
 def test_random_crop_returns_shifted_windows_of_the_padded_image():

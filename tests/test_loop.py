@@ -6,24 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import data, loop
+from pipeline import data, loop, training
 from pipeline.config import Config
-from pipeline.models import build_model
+from pipeline.errors import UserError
+from pipeline.metrics import TIMING
 
 CPU = torch.device("cpu")
 
 
 def train(digits, cfg: Config, callbacks=(), checkpoints=None, device=CPU):
-    loop.seed_everything(cfg.seed, cfg.train.deterministic)
-    model = build_model(cfg.model, digits.input_shape, digits.num_classes)
-    train_batches, val_batches = data.training_batches(digits, cfg.train.batch_size, cfg.data.augment, cfg.seed,
-                                                       device, drop_last=cfg.train.drop_last,
-                                                       channels_last=cfg.train.channels_last)
+    model, train_batches, val_batches = training.setup(cfg, digits, device)
     return loop.fit(model, train_batches, val_batches, cfg.train, device, callbacks, checkpoints)
 
 
 def curves(result):
-    return [{k: v for k, v in asdict(m).items() if k not in ("seconds", "samples_per_s")} for m in result.history]
+    return [{k: v for k, v in asdict(m).items() if k not in TIMING} for m in result.history]
 
 
 def test_cnn_learns_digits(digits, tiny_cfg):
@@ -55,22 +52,53 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(digits, tiny_cfg, t
     cfg = tiny_cfg.with_overrides({"train.epochs": 4, "train.scheduler": scheduler, "data.augment.crop_padding": 1,
                                    "data.augment.rotation": 10, "data.augment.contrast": 0.2})
     straight = train(digits, cfg)
-    checkpoints = loop.Checkpoints(tmp_path, cfg.fingerprint())
     with pytest.raises(KeyboardInterrupt):
-        train(digits, cfg, [StopAfter(2)], checkpoints)
-    assert torch.load(checkpoints.last, weights_only=True)["epoch"] == 2
-    resumed = train(digits, cfg, checkpoints=checkpoints)
+        train(digits, cfg, [StopAfter(2)], loop.Checkpoints(tmp_path, "run"))
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["epoch"] == 2
+    seen = []
+
+    class Seen(loop.Callback):
+        def on_fit_start(self, model, history):
+            seen.extend(m.epoch for m in history)
+
+    resumed = train(digits, cfg, [Seen()], checkpoints=loop.Checkpoints(tmp_path, "run"))
+    assert seen == [1, 2]  # callbacks learn which epochs the resumed run already has
     assert curves(resumed) == curves(straight)
     assert all(torch.equal(resumed.best_state[k], straight.best_state[k]) for k in straight.best_state)
 
 
-def test_checkpoint_of_another_config_is_not_resumed(digits, tiny_cfg, tmp_path):
-    cfg = tiny_cfg.with_overrides({"train.epochs": 2})
-    train(digits, cfg, checkpoints=loop.Checkpoints(tmp_path, "other-config"))
-    result = train(digits, cfg, checkpoints=loop.Checkpoints(tmp_path, cfg.fingerprint()))
-    assert len(result.history) == 2
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "rng"} <= set(best)
+def test_a_resume_point_is_only_resumed_by_its_own_key_and_never_destroyed_by_others(digits, tiny_cfg, tmp_path,
+                                                                                    capsys):
+    other = tiny_cfg.with_overrides({"train.epochs": 4, "train.lr": 0.02})
+    with pytest.raises(KeyboardInterrupt):
+        train(digits, other, [StopAfter(2)], loop.Checkpoints(tmp_path, "other"))
+    cfg = tiny_cfg.with_overrides({"train.epochs": 4})
+    result = train(digits, cfg, checkpoints=loop.Checkpoints(tmp_path, "mine"))
+    assert curves(result) == curves(train(digits, cfg))  # trained from scratch, not from other's state
+    assert "starting fresh: 1 resume point(s)" in capsys.readouterr().err
+    assert torch.load(tmp_path / "other.pt", weights_only=True)["epoch"] == 2  # other's run can still resume
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "meta"} <= set(torch.load(tmp_path / "mine.pt",
+                                                                                         weights_only=True))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated", "missing-key"])
+def test_an_unreadable_resume_point_is_a_one_line_error_naming_it(digits, tiny_cfg, tmp_path, content):
+    checkpoints = loop.Checkpoints(tmp_path, "run")
+    train(digits, tiny_cfg.with_overrides({"train.epochs": 1}), checkpoints=checkpoints)
+    good = checkpoints.path.read_bytes()
+    if content == "truncated":
+        content = good[: len(good) // 2]
+    elif content == "missing-key":
+        state = torch.load(checkpoints.path, weights_only=True)
+        del state["optimizer"]
+        torch.save(state, checkpoints.path)
+        content = checkpoints.path.read_bytes()
+    checkpoints.path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        train(digits, tiny_cfg, checkpoints=loop.Checkpoints(tmp_path, "run"))
+    assert str(checkpoints.path) in str(err.value) and "delete it" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert checkpoints.path.read_bytes() == content  # left for the user to inspect or delete
 
 
 def test_early_stopping_stops_after_patience(digits, tiny_cfg):
@@ -82,15 +110,38 @@ def test_early_stopping_stops_after_patience(digits, tiny_cfg):
     assert len(result.history) == result.best_epoch + 2
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
-@pytest.mark.parametrize("scheduler", ["none", "step", "plateau", "cosine", "onecycle"])
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+              "rmsprop": torch.optim.RMSprop}
+SCHEDULERS = {"none": type(None), "step": torch.optim.lr_scheduler.StepLR,
+              "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
+              "cosine": torch.optim.lr_scheduler.CosineAnnealingLR, "onecycle": torch.optim.lr_scheduler.OneCycleLR}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_optimizers_are_built_as_configured(tiny_cfg, optimizer):
+    cfg = tiny_cfg.with_overrides({"train.optimizer": optimizer, "train.lr": 0.03, "train.weight_decay": 1e-4,
+                                   "train.momentum": 0.8, "train.nesterov": True}).train
+    built = loop.build_optimizer(nn.Linear(2, 2).parameters(), cfg)
+    group = built.param_groups[0]
+    assert type(built) is OPTIMIZERS[optimizer]
+    assert group["lr"] == 0.03 and group["weight_decay"] == 1e-4
+    if optimizer in ("sgd", "rmsprop"):
+        assert group["momentum"] == 0.8
+    if optimizer == "sgd":
+        assert group["nesterov"] is True
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_every_optimizer_and_scheduler_trains(digits, tiny_cfg, optimizer, scheduler):
     cfg = tiny_cfg.with_overrides({"model.name": "mlp", "train.epochs": 2, "train.optimizer": optimizer,
                                    "train.scheduler": scheduler, "train.step_size": 1, "train.nesterov": True,
                                    "train.weight_decay": 1e-4, "train.grad_clip": 1.0, "train.label_smoothing": 0.1,
                                    "train.lr": 0.01})
+    built, _ = loop.build_scheduler(loop.build_optimizer(nn.Linear(2, 2).parameters(), cfg.train), cfg.train, 10)
+    assert type(built) is SCHEDULERS[scheduler]
     result = train(digits, cfg)
-    assert result.history[-1].train_loss < result.history[0].train_loss * 1.5
+    assert result.history[-1].train_loss < result.history[0].train_loss
     if scheduler in ("step", "cosine", "onecycle"):
         assert result.history[1].lr != result.history[0].lr
 
@@ -99,8 +150,8 @@ def test_callbacks_see_every_epoch_in_order(digits, tiny_cfg):
     seen = []
 
     class Recorder(loop.Callback):
-        def on_fit_start(self, model, start_epoch):
-            seen.append(("start", start_epoch))
+        def on_fit_start(self, model, history):
+            seen.append(("start", len(history)))
 
         def on_epoch_end(self, metrics):
             seen.append(("epoch", metrics.epoch))
@@ -109,7 +160,7 @@ def test_callbacks_see_every_epoch_in_order(digits, tiny_cfg):
             seen.append(("end", result.best_epoch > 0))
 
     train(digits, tiny_cfg, [Recorder()])
-    assert seen == [("start", 1), ("epoch", 1), ("epoch", 2), ("epoch", 3), ("end", True)]
+    assert seen == [("start", 0), ("epoch", 1), ("epoch", 2), ("epoch", 3), ("end", True)]
 
 
 def test_diverging_loss_raises(digits, tiny_cfg):
@@ -130,6 +181,13 @@ def test_device_and_precision_resolution():
     assert loop.resolve_device("cpu") == CPU
     assert loop.autocast_dtype("auto", CPU) is None
     assert loop.autocast_dtype("bf16", CPU) == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_missing_device_is_a_user_error(device):
+    with pytest.raises(UserError, match=f"train.device={device}, but this machine has no CUDA device"):
+        loop.resolve_device(device)
 
 
 @pytest.mark.gpu

@@ -12,14 +12,26 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import edit_params, run_cli
+from conftest import REPO, edit_params, run_cli
 
 pytestmark = pytest.mark.slow
 
 # lr 1e-6 learns nothing, so the median pruner has something to prune
-TINY_SEARCH = {"models": ["logreg"], "model.name": "mlp", "tune.epochs": 3, "tune.startup_trials": 2,
+TINY_SEARCH = {"comparison": ["logreg"], "model.name": "mlp", "tune.epochs": 3, "tune.startup_trials": 2,
                "tune.warmup_epochs": 1, "tracking.log_models": False,
                "tune.space": {"train.lr": {"choices": [1.0e-6, 3.0e-3]}, "model.dropout": {"low": 0.0, "high": 0.3}}}
+CONTINUOUS = {"train.lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True}, "model.dropout": {"low": 0.0, "high": 0.5}}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def storage_for(kind, tmp_path):
+    return f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else str(tmp_path / "optuna.journal")
+
+
+def opened(storage):
+    if "://" in storage:
+        return storage
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
 
 
 @pytest.fixture
@@ -31,8 +43,8 @@ def search_repo(repo_copy, tracked_env, tmp_path):
 
 
 def load_only_study(storage):
-    name, = optuna.get_all_study_names(storage)
-    return optuna.load_study(study_name=name, storage=storage)
+    name, = optuna.get_all_study_names(opened(storage))
+    return optuna.load_study(study_name=name, storage=opened(storage))
 
 
 def states(study):
@@ -45,13 +57,18 @@ def test_tune_writes_best_params_with_nested_mlflow_runs(search_repo, tracked_en
     result = run_cli("tune", "--set", "tune.n_trials=6", cwd=repo, env=tracked_env)
     assert result.returncode == 0, result.stderr
     study = load_only_study(storage)
-    assert study.study_name.startswith("digits-mlp-")
+    assert study.study_name.startswith("digits-mlp-") and study.metric_names == ["val_loss"]
     assert len(study.trials) == 6 and TrialState.PRUNED in states(study)
+    for line in (line for line in result.stdout.splitlines() if line.startswith("[tune] trial")):
+        assert ("COMPLETE val_loss" in line or "PRUNED   val_loss" in line) and "s  train.lr=" in line
 
     best = json.loads((repo / "reports/tune/best_params.json").read_text())
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
     assert set(best["params"]) == {"train.lr", "model.dropout"} and best["params"]["train.lr"] == 3.0e-3
-    assert {"trials.csv", "optimization_history.png"} <= {p.name for p in (repo / "reports/tune").iterdir()}
+    assert {"optimization_history.png", "param_importances.png"} <= {p.name for p in (repo / "reports/tune/plots")
+                                                                     .iterdir()}
+    trials = (repo / "reports/tune/trials.csv").read_text().splitlines()
+    assert trials[0] == "number,state,val_loss,epochs,fail_reason,train.lr,model.dropout" and len(trials) == 7
 
     parent_id = study.user_attrs["mlflow_parent_run_id"]
     client = mlflow.MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
@@ -66,39 +83,45 @@ def test_tune_writes_best_params_with_nested_mlflow_runs(search_repo, tracked_en
         assert len(client.get_metric_history(run.info.run_id, "val_loss")) == len(trial.intermediate_values)
 
     again = run_cli("tune", "--set", "tune.n_trials=6", cwd=repo, env=tracked_env)
-    assert again.returncode == 0 and "[tune] trial-" not in again.stdout  # nothing left to run
+    assert again.returncode == 0 and "[tune] trial" not in again.stdout  # nothing left to run
     final = run_cli("train", "--final", "--tuned", "reports/tune/best_params.json", cwd=repo, env=tracked_env)
     assert final.returncode == 0 and f"using trial {best['trial']}" in final.stdout
 
 
-def test_four_workers_finish_exactly_n_trials(search_repo, tracked_env):
+def test_the_untuned_settings_are_the_first_trial(search_repo, tracked_env):
     repo, storage = search_repo
+    edit_params(repo, {"tune.space": CONTINUOUS, "tracking.enabled": False})
+    result = run_cli("tune", "--set", "tune.n_trials=2", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    first = load_only_study(storage).trials[0]
+    assert first.params == {"train.lr": 0.001, "model.dropout": 0.2} and first.user_attrs["origin"] == "params.yaml"
+
+
+def test_four_workers_finish_exactly_n_trials_all_different(search_repo, tracked_env):
+    repo, storage = search_repo
+    edit_params(repo, {"tune.space": CONTINUOUS, "tune.sampler": "random"})
     result = run_cli("tune", "--workers", "4", "--set", "tune.n_trials=10", cwd=repo, env=tracked_env)
     assert result.returncode == 0, result.stderr
     assert "locked" not in result.stderr.lower()
     study = load_only_study(storage)
-    assert len(study.trials) == 10
-    assert all(state in (TrialState.COMPLETE, TrialState.PRUNED) for state in states(study))
+    assert len(study.trials) == 10 and all(state in FINISHED for state in states(study))
+    proposals = {tuple(sorted(t.params.items())) for t in study.trials}
+    assert len(proposals) == 10, "workers proposed the same params"  # each process draws its own sampler seed
 
 
-def test_interrupted_search_resumes_without_repeating_trials(search_repo, tracked_env):
+def test_interrupted_search_resumes_with_new_proposals_and_without_repeating_trials(search_repo, tracked_env):
     repo, storage = search_repo
-    edit_params(repo, {"tune.epochs": 8, "tune.warmup_epochs": 8})  # slower trials, none pruned
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--set", "tune.n_trials=6"], cwd=repo,
-                               env={**os.environ, **tracked_env}, stdout=subprocess.DEVNULL)
-
-    def completed():
-        names = optuna.get_all_study_names(storage) if (repo.parent / "optuna.db").exists() else []
-        return [t for t in load_only_study(storage).trials if t.state == TrialState.COMPLETE] if names else []
-
+    edit_params(repo, {"tune.epochs": 8, "tune.warmup_epochs": 8, "tune.space": CONTINUOUS,
+                       "tune.sampler": "random"})  # slower trials, none pruned
+    process = start_tune(repo, "--set", "tune.n_trials=6", env=tracked_env)
     deadline = time.monotonic() + 120
-    while len(completed()) < 2 and time.monotonic() < deadline:
+    while len(completed(storage)) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
     assert process.returncode == 143
-    before = {t.number: t.value for t in completed()}
-    assert 2 <= len(before) < 6
+    before = {t.number: t.value for t in completed(storage)}
+    assert 3 <= len(before) < 6
 
     result = run_cli("tune", "--set", "tune.n_trials=6", cwd=repo, env=tracked_env)
     assert result.returncode == 0, result.stderr
@@ -108,6 +131,74 @@ def test_interrupted_search_resumes_without_repeating_trials(search_repo, tracke
     assert len(complete) == 6
     assert all(s in (TrialState.COMPLETE, TrialState.FAIL) for s in states(study))
     assert states(study).count(TrialState.FAIL) <= 1  # at most the trial that was running when it was killed
+    proposals = [tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(set(proposals)) == 6, "the resumed search repeated earlier proposals"
+
+
+def start_tune(repo, *overrides, env=None):
+    """A `tune` process, returned once its storage and study exist (polling them earlier would race their creation)."""
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *overrides], cwd=repo, text=True,
+                               env={**os.environ, **(env or {})}, stdout=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("[tune] study"):
+            return process
+    raise AssertionError(f"tune exited with {process.wait()} before opening its study")
+
+
+def completed(storage):
+    try:
+        return [t for t in load_only_study(storage).trials if t.state == TrialState.COMPLETE]
+    except (ValueError, KeyError):
+        return []
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_sigkilled_last_trial_is_failed_retried_and_the_study_finished_by_a_rerun(search_repo, tracked_env,
+                                                                                   tmp_path, kind):
+    repo, _ = search_repo
+    storage = storage_for(kind, tmp_path / kind)
+    (tmp_path / kind).mkdir()
+    edit_params(repo, {"model.name": "cnn", "tune.epochs": 60, "tune.warmup_epochs": 100, "tune.storage": storage,
+                       "tune.space": CONTINUOUS, "tracking.enabled": False})
+    # two trials of a few seconds each: kill the process during the second, the last one, as a power cut would
+    process = start_tune(repo, "--set", "tune.n_trials=2")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (len(completed(storage)) == 1
+                                               and TrialState.RUNNING in states(load_only_study(storage))):
+        time.sleep(0.1)
+    process.kill()
+    process.wait(timeout=30)
+    assert states(load_only_study(storage)) == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    result = run_cli("tune", "--set", "tune.n_trials=2", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    study = load_only_study(storage)
+    assert [t.state for t in study.trials if t.state in FINISHED] == [TrialState.COMPLETE] * 2
+    failed, = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert "died" in failed.user_attrs["fail_reason"]
+    retry, = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == failed.params
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_four_tune_processes_started_at_once_on_a_fresh_storage(repo_copy, tracked_env, tmp_path, kind):
+    storage = storage_for(kind, tmp_path)
+    edit_params(repo_copy, {**TINY_SEARCH, "tune.space": CONTINUOUS, "tune.storage": storage})
+    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
+    command = [sys.executable, "-m", "pipeline", "tune", "--set", "tune.n_trials=6"]
+    processes = [subprocess.Popen(command, cwd=repo_copy, env={**os.environ, **tracked_env}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+    study = load_only_study(storage)
+    assert sum(state in FINISHED for state in states(study)) == 6
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`pipeline.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.run_id == study.user_attrs["mlflow_parent_run_id"]
+    assert json.loads((repo_copy / "reports/tune/best_params.json").read_text())["study"] == study.study_name
+    assert not [p for p in (repo_copy / "reports/tune").rglob("*.tmp")]
 
 
 def test_diverging_trials_fail_with_reason_and_the_study_goes_on(search_repo, tracked_env, tmp_path):
@@ -117,56 +208,64 @@ def test_diverging_trials_fail_with_reason_and_the_study_goes_on(search_repo, tr
     edit_params(repo, {"tune.space": space, "tune.storage": str(journal), "tune.pruner": "none"})
     result = run_cli("tune", "--set", "tune.n_trials=3", cwd=repo, env=tracked_env)
     assert result.returncode == 0, result.stderr
-    study = load_only_study(optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))
+    study = load_only_study(str(journal))
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert failed and all("training loss became" in t.user_attrs["fail_reason"] for t in failed)
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 3
     assert json.loads((repo / "reports/tune/best_params.json").read_text())["params"]["train.lr"] == 3.0e-3
 
 
-@pytest.fixture(scope="module")
-def prepared_digits(tmp_path_factory):
+@pytest.fixture
+def in_prepared_repo(tmp_path, monkeypatch):
     from pipeline import stages
     from pipeline.config import load_config
-    from conftest import REPO
 
-    root = tmp_path_factory.mktemp("prepared")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        stages.prepare(load_config(REPO / "params.yaml"))
-    finally:
-        os.chdir(cwd)
-    return root / "data/prepared"
+    monkeypatch.chdir(tmp_path)
+    stages.prepare(load_config(REPO / "params.yaml"))
+    return tmp_path
 
 
 @pytest.mark.parametrize("sampler, pruner", [("tpe", "median"), ("random", "hyperband"),
                                              ("cmaes", "successive_halving"), ("gp", "none")])
-def test_every_sampler_and_pruner_runs_a_search(prepared_digits, tmp_path, sampler, pruner):
-    from pipeline import tuning
+def test_every_sampler_and_pruner_runs_a_search(in_prepared_repo, sampler, pruner):
+    from pipeline import paths, tuning
     from pipeline.config import load_config
-    from conftest import REPO
 
     cfg = load_config(REPO / "params.yaml", [
         "model.name=mlp", "tune.epochs=3", "tune.n_trials=4", "tune.startup_trials=2", "tune.warmup_epochs=1",
-        f"tune.sampler={sampler}", f"tune.pruner={pruner}", f"tune.storage={tmp_path / 'search.journal'}",
+        f"tune.sampler={sampler}", f"tune.pruner={pruner}", f"tune.storage={in_prepared_repo / 'search.journal'}",
         "tracking.enabled=false", "train.device=cpu"])
-    record = tuning.tune(cfg, prepared_digits, tmp_path / "reports", worker_args=[])
+    record = tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
     study = optuna.load_study(study_name=record["study"], storage=tuning.open_storage(cfg.tune))
     assert len(study.trials) == 4 and record["trial"] == study.best_trial.number
-    assert set(record["params"]) == set(cfg.tune.space)
-    assert (tmp_path / "reports/best_params.json").exists()
+    opened = tuning.open_search(cfg, paths.PREPARED_DIR).study
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                "cmaes": optuna.samplers.CmaEsSampler, "gp": optuna.samplers.GPSampler}
+    pruners = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+               "successive_halving": optuna.pruners.SuccessiveHalvingPruner, "none": optuna.pruners.NopPruner}
+    assert type(opened.sampler) is samplers[sampler] and type(opened.pruner) is pruners[pruner]
+    assert set(record["params"]) == set(cfg.tune.space) and paths.BEST_PARAMS.exists()
 
 
-def test_timeout_stops_starting_trials(prepared_digits, tmp_path):
-    from pipeline import tuning
+def test_untracked_tune_never_imports_mlflow(in_prepared_repo):
+    result = subprocess.run([sys.executable, "-c", (
+        "import sys; from pipeline import cli; "
+        "code = cli.main(['tune', '--params', sys.argv[1], '--set', 'tracking.enabled=false', "
+        "'--set', 'tune.n_trials=1', '--set', 'tune.epochs=1', '--set', 'model.name=logreg', "
+        f"'--set', 'tune.storage={in_prepared_repo / 's.journal'}']); "
+        "assert code == 0, code; assert 'mlflow' not in sys.modules, 'mlflow imported'"), str(REPO / "params.yaml")],
+        cwd=in_prepared_repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_timeout_stops_starting_trials(in_prepared_repo):
+    from pipeline import paths, tuning
     from pipeline.config import load_config
-    from conftest import REPO
 
     cfg = load_config(REPO / "params.yaml", [
         "model.name=logreg", "tune.epochs=2", "tune.n_trials=1000", "tune.timeout=2",
-        f"tune.storage={tmp_path / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
+        f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
     started = time.monotonic()
-    record = tuning.tune(cfg, prepared_digits, tmp_path / "reports", worker_args=[])
+    record = tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
     study = optuna.load_study(study_name=record["study"], storage=tuning.open_storage(cfg.tune))
     assert 1 <= len(study.trials) < 1000 and time.monotonic() - started < 60

@@ -1,0 +1,138 @@
+"""Commands for people, beside the DVC stages: predict, reproduce, ui."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.errors import CheckFailed, UserError
+from pipeline.paths import FINAL, RunPaths
+
+
+def predict(cfg: Config, images: list[str], model_uri: str | None) -> None:
+    """Top-3 classes for image files, from the final local model or an MLflow model URI.
+
+    A model from MLflow is downloaded and its weights loaded with this repo's code
+    (`torch.load(weights_only=True)`): nothing from the store is unpickled or run.
+    """
+    import torch
+
+    from pipeline import datasets, models
+
+    with tempfile.TemporaryDirectory(prefix="predict-") as scratch:
+        if model_uri:
+            from pipeline import tracking
+
+            model_file = tracking.download_model_file(cfg, model_uri, Path(scratch))
+        else:
+            model_file = RunPaths.of(FINAL).model
+        classifier = models.load_classifier(model_file)
+    channels, height, _ = classifier.input_shape
+    pixels = torch.stack([datasets.load_image(Path(path), channels, height) for path in images]).float().div(255)
+    with torch.inference_mode():
+        probs = classifier(pixels)
+    top = probs.topk(min(3, probs.shape[1]), dim=1)
+    for path, values, indices in zip(images, top.values.tolist(), top.indices.tolist()):
+        ranked = ", ".join(f"{classifier.classes[i]} {p:.3f}" for p, i in zip(values, indices))
+        print(f"{path}: {classifier.classes[indices[0]]}  (top-3: {ranked})")
+
+
+def reproduce(cfg: Config, run_id: str) -> None:
+    """Retrain an MLflow run from its logged config on the same data; compare test metrics exactly."""
+    from pipeline import data, evaluation, loop, stages, tracking
+    from pipeline.config import parse_yaml, validate
+
+    logged, tags, logged_metrics = tracking.fetch_run(cfg, run_id)
+    original = validate(parse_yaml(logged, f"run {run_id} config.yaml"), source=f"run {run_id} config.yaml")
+    prepared = data.load_prepared(paths.PREPARED_DIR)
+    if original.data.name != cfg.data.name or prepared.md5 != tags.get("data.md5"):
+        commit = tags.get("mlflow.source.git.commit", "<the run's commit>")
+        raise UserError(f"{paths.PREPARED_DIR} (md5 {prepared.md5}, {cfg.data.name}) is not the data run {run_id} "
+                        f"trained on (md5 {tags.get('data.md5')}, {original.data.name}): run `git checkout {commit} "
+                        f"&& dvc checkout {paths.PREPARED_DIR}` (or `dvc repro prepare` there) first")
+
+    retrain = original.with_overrides({"tracking.enabled": False, "train.resume": False})
+    role = tags.get("pipeline.role", original.model.name)
+    with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:  # never touches models/ or reports/
+        run_paths = RunPaths.of(role, Path(scratch))
+        stages.train(retrain, role, run_paths)
+        y_true, y_pred, _ = stages.predict_test_set(run_paths.model, prepared, loop.resolve_device(retrain.train.device))
+    new = {f"test_{k}": v for k, v in evaluation.classification_metrics(y_true, y_pred).items()}
+    old = {key: logged_metrics.get(key) for key in new}
+    print(f"\n{'metric':<26}{'run ' + run_id[:8]:>14}{'reproduced':>14}")
+    for key in new:
+        mark = "" if old[key] == new[key] else "   <- differs"
+        shown = "missing" if old[key] is None else f"{old[key]:.6f}"
+        print(f"{key:<26}{shown:>14}{new[key]:>14.6f}{mark}")
+    differing = [key for key in new if old[key] != new[key]]
+    if differing:
+        raise CheckFailed(f"run {run_id} not reproduced: {', '.join(differing)} differ")
+    print(f"run {run_id} reproduced exactly")
+
+
+def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, ready_timeout_s: float = 120) -> None:
+    """Serve the MLflow UI and optuna-dashboard on 127.0.0.1 against this repo's stores until Ctrl-C.
+
+    Missing stores get their schema first (optuna-dashboard opens storage without creating tables). Each URL
+    is printed once it answers; if either server exits, this says which and stops with an error. Server logs go
+    to files (their path is shown) unless --verbose.
+    """
+    from pipeline import tracking, tuning
+
+    mlflow_command = tracking.ui_command(cfg, mlflow_port)
+    storage = tuning.storage_url(cfg.tune)
+    tuning.open_storage(cfg.tune)  # creates a missing schema
+    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or "optuna-dashboard"
+    servers = {
+        "MLflow UI": (mlflow_command, f"http://127.0.0.1:{mlflow_port}"),
+        "Optuna dashboard": ([dashboard, storage, "--host", "127.0.0.1", "--port", str(optuna_port)],
+                             f"http://127.0.0.1:{optuna_port}"),
+    }
+    log_dir = Path(tempfile.mkdtemp(prefix="pipeline-ui-"))
+    running: dict[str, subprocess.Popen] = {}
+    try:
+        for name, (command, _) in servers.items():
+            log = None if verbose else open(log_dir / f"{name.split()[0].lower()}.log", "w")
+            running[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None)
+        pending = dict(servers)
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            for name, process in running.items():
+                if process.poll() is not None:
+                    where = "" if verbose else f"; its log: {log_dir / (name.split()[0].lower() + '.log')}"
+                    how = f"was killed (signal {-process.returncode})" if process.returncode < 0 \
+                        else f"exited with code {process.returncode}"
+                    raise UserError(f"{name} {how}{where}")
+            for name, (_, url) in list(pending.items()):
+                if _answers(url):
+                    print(f"{name + ':':<18} {url}", flush=True)
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise UserError(f"{', '.join(pending)} did not answer within {ready_timeout_s:g}s")
+            time.sleep(0.3)
+    finally:
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:  # e.g. 401 behind authentication: it answers
+        return True
+    except OSError:
+        return False

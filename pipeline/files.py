@@ -1,0 +1,111 @@
+"""The one way files are written (atomically) and read (with one-line errors).
+
+Every write goes to a unique temporary file beside the target and is renamed
+over it only once complete, so an interrupted or failed write (a full disk, a
+read-only folder, Ctrl-C) leaves the previous file intact and no debris; two
+processes writing the same file never share a temporary name. Failures become
+one-line `UserError`s naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read it without changing it
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path to write `path`'s new content to; renamed over `path` if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise write_error(path, err) from None
+    temp = Path(name)
+    try:
+        yield temp
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files: others sharing the repo must read them
+        os.replace(temp, path)
+    except OSError as err:
+        raise write_error(path, err) from None
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_error(path: Path, err: OSError) -> UserError:
+    reason = err.strerror or str(err)
+    return UserError(f"cannot write {path}: {reason}; free space or fix permissions and run again "
+                     "(the previous file, if any, is unchanged)")
+
+
+def write_bytes(path: Path, blob: bytes) -> None:
+    with atomic_path(path) as temp:
+        temp.write_bytes(blob)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: Path, header: Sequence[str], rows) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save, serialised in memory first: a failing disk then raises OSError, not a torch RuntimeError."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def copy_file(source: Path, dest: Path) -> None:
+    write_bytes(dest, read_bytes(source))
+
+
+def read_bytes(path: Path, remedy: str = "") -> bytes:
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"missing {path}" + (f": {remedy}" if remedy else "")) from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def read_json(path: Path, remedy: str = "") -> Any:
+    """A JSON file written by an earlier stage; missing or corrupt -> one line saying what to re-run."""
+    blob = read_bytes(path, remedy)
+    try:
+        return json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is corrupt ({err}); " + (remedy or "delete it and re-run the stage that wrote it")
+                        ) from None
+
+
+def read_csv(path: Path, remedy: str = "") -> list[dict[str, str]]:
+    text = read_bytes(path, remedy).decode(errors="replace")
+    return list(csv.DictReader(io.StringIO(text)))

@@ -1,0 +1,85 @@
+"""Every file and folder the pipeline reads or writes, in one place.
+
+Paths are relative to the repository root, where DVC runs every stage; dvc.yaml
+spells the same paths (a test checks that the two agree). The tracking stores
+are absolute: DVC points DVC_ROOT at the user's repository even inside the
+copies under .dvc/tmp/ where queued experiments run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+MODELS_DIR = Path("models")
+REPORTS_DIR = Path("reports")
+CHECKPOINTS_DIR = Path("checkpoints")  # resume points: git-ignored scratch, never a stage output
+
+SAMPLES_PNG = REPORTS_DIR / "data" / "samples.png"
+TUNE_DIR = REPORTS_DIR / "tune"
+BEST_PARAMS = TUNE_DIR / "best_params.json"
+TRIALS_CSV = TUNE_DIR / "trials.csv"
+TUNE_PLOTS = TUNE_DIR / "plots"
+METRICS_JSON = REPORTS_DIR / "metrics.json"
+COMPARE_MD = REPORTS_DIR / "compare.md"
+PLOTS_DIR = REPORTS_DIR / "plots"
+
+FINAL = "final"  # run name of the model `report` presents (model.name trained by `train --final`)
+
+
+def raw_dir(dataset: str) -> Path:
+    return RAW_DIR / dataset
+
+
+def eval_dir(run_name: str) -> Path:
+    return REPORTS_DIR / "eval" / run_name
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one training run's outputs go (`reproduce` points these at a scratch folder)."""
+
+    model_dir: Path
+    reports: Path
+    checkpoints: Path
+
+    @classmethod
+    def of(cls, run_name: str, root: Path = Path(".")) -> RunPaths:
+        return cls(root / MODELS_DIR / run_name, root / REPORTS_DIR / "train" / run_name,
+                   root / CHECKPOINTS_DIR / run_name)
+
+    @property
+    def model(self) -> Path:
+        return self.model_dir / "model.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.reports / "history.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.reports / "curves.png"
+
+
+def project_root() -> Path:
+    """The DVC repo the user works in; DVC points DVC_ROOT at it even inside queued-experiment copies."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def default_mlflow_uri() -> str:
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def default_mlflow_artifacts() -> Path:
+    return project_root() / "mlartifacts"
+
+
+def default_optuna_storage() -> str:
+    return f"sqlite:///{project_root() / 'optuna.db'}"

@@ -1,0 +1,37 @@
+"""Who holds a run or a trial open, and whether that process still lives.
+
+A SIGKILLed process cannot close what it opened. Runs and trials record the
+identity of their process (host, pid and start time, so a recycled pid does not
+pass for the dead one); any later process on the same host can then tell that
+the owner is gone and close the orphan (MLflow runs, Optuna trials on storages
+without heartbeats). Other hosts' orphans are left to heartbeats.
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+def identity(pid: int | None = None) -> str:
+    """host:pid:start-time of a process (default: this one)."""
+    import psutil
+
+    process = psutil.Process(pid)
+    return f"{socket.gethostname()}:{process.pid}:{process.create_time():.0f}"
+
+
+def is_local(owner: str) -> bool:
+    return owner.startswith(socket.gethostname() + ":")
+
+
+def is_dead(owner: str) -> bool:
+    """True only when `owner` ran on this host and has ended; unknown or remote owners are not judged."""
+    import psutil
+
+    if not owner or not is_local(owner):
+        return False
+    try:
+        _, pid, _ = owner.rsplit(":", 2)
+        return identity(int(pid)) != owner
+    except (psutil.Error, ValueError):
+        return True

@@ -1,0 +1,65 @@
+"""Training one config: what the `train` stage, every Optuna trial and `reproduce` share.
+
+`setup` gives every run the same seeded start (model, batches on the device);
+`resume_key` says which resume point belongs to a run; `tracked_run` opens an
+MLflow run when tracking is on and costs nothing (not even MLflow's import)
+when it is off. The loop itself stays ignorant of all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from pipeline import data, loop, models
+from pipeline.config import Config
+
+
+def setup(cfg: Config, prepared: data.PreparedData, device: torch.device):
+    """Seeded model and (train, val) batches on `device`: the same start for `train` and every trial."""
+    loop.seed_everything(cfg.seed, cfg.train.deterministic)
+    model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
+    train_batches, val_batches = data.training_batches(
+        prepared, cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
+        drop_last=cfg.train.drop_last, channels_last=cfg.train.channels_last)
+    return model, train_batches, val_batches
+
+
+@cache
+def code_version() -> str:
+    """Hash of the pipeline's source and torch's version: a resume point made by other code is not resumed."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()
+
+
+def resume_key(cfg: Config, data_md5: str) -> str:
+    """Names a run's resume point: same config, same prepared data and same code, or it is another run's."""
+    return f"{cfg.fingerprint()}-{data_md5[:8]}-{code_version()[:8]}"
+
+
+def summary(cfg: Config, result: loop.FitResult, model: torch.nn.Module) -> dict:
+    """The run's outcome as metrics.json holds it: deterministic (no timings), so re-runs change nothing."""
+    best = result.best
+    return {
+        "model": cfg.model.name,
+        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+        "train_accuracy": best.train_accuracy, "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
+        # a train/val gap that keeps growing is the classic over-fitting signal
+        "generalization_gap": best.train_accuracy - best.val_accuracy,
+        "parameters": models.count_parameters(model),
+    }
+
+
+def tracked_run(cfg: Config, name: str, role: str, data_md5: str, **options):
+    """An MLflow run (tracking.enabled; see tracking.TrackedRun for `options`) or a context yielding None."""
+    if not cfg.tracking.enabled:
+        return contextlib.nullcontext(None)
+    from pipeline import tracking
+
+    return tracking.TrackedRun(cfg, name, role, data_md5, **options)

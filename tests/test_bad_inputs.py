@@ -1,0 +1,245 @@
+"""Every bad input is one line on stderr and exit code 2 (1 for a failed check), with nothing saved changed.
+
+Each case runs the real CLI in its own copy of a small, fully built repository, then compares every file of
+that copy with what it was before the command (and looks for leftover temporary files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import REPO, copy_repo, edit_params, run_cli
+
+slow = pytest.mark.slow
+pytestmark = pytest.mark.xdist_group("world")  # one worker builds the shared repository
+
+
+@pytest.fixture(scope="session")  # session, not module: a test worker may interleave other modules' tests
+def world(tmp_path_factory):
+    """A repo with prepared digits, trained logreg/cnn/final models (1 epoch), evaluation and report; untracked."""
+    repo = copy_repo(tmp_path_factory.mktemp("world") / "repo")
+    edit_params(repo, {"comparison": ["logreg"], "model.name": "logreg", "train.epochs": 1,
+                       "tracking.enabled": False})
+    for command in (["prepare"], ["train", "--model", "logreg"], ["train", "--final"], ["evaluate"], ["report"]):
+        run_cli(*command, cwd=repo, check=True)
+    return repo
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts}
+
+
+def one_image_per_class(repo: Path) -> list[str]:
+    from PIL import Image
+
+    for name in ("a", "b", "c"):
+        (repo / "one" / name).mkdir(parents=True)
+        Image.new("L", (8, 8), color=40).save(repo / "one" / name / "x.png")
+    return ["--set", "data.name=folder", "--set", f"data.path={repo / 'one'}"]
+
+
+def corrupt(relative: str, content: bytes = b"\x00garbage") -> Callable[[Path], list[str]]:
+    def setup(repo: Path) -> list[str]:
+        (repo / relative).write_bytes(content)
+        return []
+    return setup
+
+
+def truncate(relative: str) -> Callable[[Path], list[str]]:
+    def setup(repo: Path) -> list[str]:
+        blob = (repo / relative).read_bytes()
+        (repo / relative).write_bytes(blob[: len(blob) // 2])
+        return []
+    return setup
+
+
+def resume_point(content: bytes | str) -> Callable[[Path], list[str]]:
+    """A broken resume point exactly where `train --model cnn` looks for its own."""
+    def setup(repo: Path) -> list[str]:
+        code = ("import sys; from pipeline import data, training; from pipeline.config import load_config; "
+                "cfg = load_config('params.yaml', ['model.name=cnn']); "
+                "print(training.resume_key(cfg, data.load_prepared(__import__('pathlib').Path('data/prepared')).md5))")
+        key = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        path = repo / "checkpoints" / "cnn" / f"{key}.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content if isinstance(content, bytes) else b"PK\x03\x04" + b"\x00" * 100)
+        return []
+    return setup
+
+
+@dataclass
+class Case:
+    args: list[str]
+    message: str
+    setup: Callable[[Path], list[str]] | None = None
+    code: int = 2
+    marks: list = field(default_factory=list)
+
+
+CASES = {
+    # params files
+    "params not UTF-8": Case(["prepare", "--params", "latin1.yaml"], "latin1.yaml: not UTF-8 text (byte 0xe9",
+                             setup=lambda repo: (repo / "latin1.yaml").write_bytes(b"seed: 4\n# caf\xe9\n") and []),
+    "params is a directory": Case(["prepare", "--params", "data"], "params file data is a directory"),
+    "params missing": Case(["prepare", "--params", "nope.yaml"], "params file not found: nope.yaml"),
+    "params broken YAML": Case(["prepare", "--params", "broken.yaml"], "broken.yaml: not valid YAML at line",
+                               setup=lambda repo: (repo / "broken.yaml").write_text("train: {epochs: 3\n") and []),
+    "malformed --set YAML": Case(["prepare", "--set", "train.lr=[1"], "--set train.lr: not valid YAML"),
+    "--set without =": Case(["prepare", "--set", "train.lr"], "expected key=value"),
+    "duplicate YAML key": Case(["prepare", "--params", "dup.yaml"], "duplicate key 'seed'",
+                               setup=lambda repo: (repo / "dup.yaml").write_text("seed: 1\nseed: 2\n") and []),
+    "duplicate comparison entry": Case(["prepare", "--set", "comparison=[cnn, mlp, cnn]"],
+                                       "comparison: lists cnn more than once"),
+    "alias bomb": Case(["prepare", "--params", "bomb.yaml"], "aliases (*name) are not supported",
+                       setup=lambda repo: (repo / "bomb.yaml").write_text(
+                           "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+                               f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+                           + "seed: *i\n") and []),
+    "unknown command option": Case(["prepare", "--epochs", "3"], "unrecognized arguments: --epochs 3"),
+    # values valid in type, impossible at run time
+    "negative seed": Case(["prepare", "--set", "seed=-1"], "seed: Input should be greater than or equal to 0"),
+    "seed beyond 2**32": Case(["prepare", "--set", "seed=4294967296"], "seed: Input should be less than 4294967296"),
+    "val fraction below one per class": Case(["prepare", "--set", "data.val_fraction=0.005"],
+                                             "data.val_fraction=0.005 carves 8 of 1437 images", marks=[slow]),
+    "test fraction below one per class": Case(["prepare", "--set", "data.test_fraction=0.001"],
+                                              "data.test_fraction=0.001 carves 2 of 1797 images", marks=[slow]),
+    "one image per class": Case(["prepare"], "has 1 image(s) left to divide", setup=one_image_per_class,
+                                marks=[slow]),
+    "tune --workers 0": Case(["tune", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    "symlink out of the folder": Case(["download"], "outside", setup=lambda repo: symlinked_folder(repo)),
+    # devices
+    "cuda without CUDA": Case(["train", "--set", "train.device=cuda"], "train.device=cuda, but this machine has no "
+                              "CUDA device", marks=[slow]),
+    "mps without MPS": Case(["train", "--set", "train.device=mps"], "train.device=mps, but MPS", marks=[slow]),
+    # stores
+    "tracking URI with an unknown scheme": Case(["train", "--set", "tracking.enabled=true",
+                                                 "--set", "tracking.uri=ftp://x/y"], "unsupported scheme 'ftp'",
+                                                marks=[slow]),
+    "tracking server that is not there": Case(["train", "--set", "tracking.enabled=true",
+                                               "--set", "tracking.uri=http://127.0.0.1:9"],
+                                              "MLflow server http://127.0.0.1:9 does not answer", marks=[slow]),
+    "journal in a missing folder": Case(["tune", "--set", "tune.storage=nowhere/optuna.journal"],
+                                        "tune.storage: folder nowhere does not exist", marks=[slow]),
+    "unsupported storage": Case(["tune", "--set", "tune.storage=mysql://u:secret@127.0.0.1:9/db"],
+                                "tune.storage 'mysql://u:***@127.0.0.1:9/db': use a SQLite URL", marks=[slow]),
+    "postgres that is not there": Case(["tune", "--set", "tune.storage=postgresql://u:secret@127.0.0.1:9/db"],
+                                       "postgresql://u:***@127.0.0.1:9/db", marks=[slow]),
+    # corrupt state
+    "resume point empty": Case(["train", "--model", "cnn"], "is unreadable", setup=resume_point(b""), marks=[slow]),
+    "resume point random bytes": Case(["train", "--model", "cnn"], "delete it to train from scratch",
+                                      setup=resume_point(os.urandom(64)), marks=[slow]),
+    "resume point truncated zip": Case(["train", "--model", "cnn"], "is unreadable", setup=resume_point("zip"),
+                                       marks=[slow]),
+    "tensors.pt corrupt": Case(["train"], "data/prepared is corrupt", setup=truncate("data/prepared/tensors.pt"),
+                               marks=[slow]),
+    "meta.json corrupt": Case(["train"], "data/prepared/meta.json is corrupt",
+                              setup=corrupt("data/prepared/meta.json", b"{\"classes\": [")),
+    "eval metrics corrupt": Case(["report"], "reports/eval/logreg/metrics.json is corrupt",
+                                 setup=corrupt("reports/eval/logreg/metrics.json")),
+    "best params corrupt": Case(["train", "--final", "--tuned", "reports/tune/best_params.json"],
+                                "reports/tune/best_params.json is corrupt",
+                                setup=lambda repo: (repo / "reports/tune").mkdir(parents=True) or
+                                (repo / "reports/tune/best_params.json").write_text("{oops") and []),
+    "best params of another shape": Case(["train", "--final", "--tuned", "bp.json"],
+                                         "bp.json is not a search's best-params record",
+                                         setup=lambda repo: (repo / "bp.json").write_text("[1, 2]") and []),
+    "model file corrupt": Case(["evaluate"], "cannot read model file models/logreg/model.pt",
+                               setup=corrupt("models/logreg/model.pt"), marks=[slow]),
+}
+
+
+def symlinked_folder(repo: Path) -> list[str]:
+    from PIL import Image
+
+    outside = repo.parent / "outside"
+    for name in ("a", "b"):
+        (outside / name).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(outside / name / "x.png")
+    (repo / "imgs" / "a").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(repo / "imgs" / "a" / "y.png")
+    (repo / "imgs" / "b").symlink_to(outside / "b", target_is_directory=True)
+    return ["--set", "data.name=folder", "--set", f"data.path={repo / 'imgs'}"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=case.marks) for name, case in CASES.items()])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, tmp_path, name):
+    case = CASES[name]
+    repo = tmp_path / "repo"
+    shutil.copytree(world, repo, symlinks=True)
+    extra = (case.setup(repo) or []) if case.setup else []
+    before = snapshot(repo)
+    result = run_cli(*case.args, *extra, cwd=repo)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == case.code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert case.message in lines[0], lines[0]
+    assert "secret" not in result.stderr + result.stdout
+    assert snapshot(repo) == before, "a rejected command changed saved files"
+
+
+def test_a_full_disk_leaves_the_previous_outputs_and_no_debris(world, tmp_path):
+    """RLIMIT_FSIZE makes every write past 20 kB fail as a full disk would (EFBIG instead of ENOSPC)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(world, repo)
+    before = snapshot(repo)
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    result = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--set", "seed=3"], cwd=repo,
+                            capture_output=True, text=True, preexec_fn=small_disk)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "cannot write data/prepared/tensors.pt: File too large" in lines[0]
+    assert snapshot(repo) == before
+
+
+def as_nobody() -> list[str] | None:
+    """A command prefix running as an unprivileged user (root ignores file permissions), or None if not possible."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import pipeline.cli"], cwd=REPO, capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+@slow
+def test_a_read_only_reports_folder_is_one_line_and_changes_nothing(world):
+    prefix = as_nobody()
+    if prefix is None:
+        pytest.skip("cannot run as an unprivileged user here (the environment is not readable by nobody)")
+    root = Path(tempfile.mkdtemp(prefix="read-only-"))
+    try:
+        os.chmod(root, 0o755)
+        repo = root / "repo"
+        shutil.copytree(world, repo)
+        for path in [repo, *repo.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        for path in [repo / "reports", *(repo / "reports").rglob("*")]:
+            os.chmod(path, 0o555 if path.is_dir() else 0o444)
+        before = snapshot(repo)
+        result = subprocess.run([*prefix, sys.executable, "-m", "pipeline", "report"], cwd=repo,
+                                capture_output=True, text=True, env={**os.environ, "HOME": str(root)})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "cannot write reports/compare.md: Permission denied" in lines[0]
+        assert snapshot(repo) == before
+    finally:
+        for path in root.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(root)

@@ -1,0 +1,182 @@
+"""Interrupted runs: what MLflow shows, and what resumes (only a run's own resume point: same config, data, code)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import edit_params, run_cli, write_digit_folder
+
+pytestmark = pytest.mark.slow
+
+
+def train_until(repo, text, *overrides):
+    """Start `train --model cnn`, SIGTERM it once `text` appears on stdout; returns its stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--model", "cnn", *overrides], cwd=repo,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if text in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    return stderr
+
+
+def test_changed_folder_data_is_never_resumed_from_the_old_resume_point(repo_copy, tmp_path):
+    images = tmp_path / "images"
+    write_digit_folder(images, per_class=12)
+    edit_params(repo_copy, {"data.name": "folder", "data.path": str(images), "data.channels": 1,
+                            "data.image_size": 8, "tracking.enabled": False, "train.epochs": 300})
+    run_cli("prepare", cwd=repo_copy, check=True)
+    train_until(repo_copy, "epoch   2/300")
+    assert len(list((repo_copy / "checkpoints/cnn").glob("*.pt"))) == 1
+
+    # the same images under other labels (digit_0 <-> digit_1), prepared again: other data, same config
+    (images / "digit_0").rename(images / "swap")
+    (images / "digit_1").rename(images / "digit_0")
+    (images / "swap").rename(images / "digit_1")
+    run_cli("prepare", cwd=repo_copy, check=True)
+    stderr = train_until(repo_copy, "epoch   1/300")
+    assert "resuming" not in stderr and "starting fresh: 1 resume point(s)" in stderr
+    assert len(list((repo_copy / "checkpoints/cnn").glob("*.pt"))) == 2  # the old one is kept for its own data
+
+    # and the first data's run still resumes where it stopped
+    (images / "digit_0").rename(images / "swap")
+    (images / "digit_1").rename(images / "digit_0")
+    (images / "swap").rename(images / "digit_1")
+    run_cli("prepare", cwd=repo_copy, check=True)
+    stderr = train_until(repo_copy, "epoch   4/300")
+    assert "after epoch 2" in stderr or "after epoch 3" in stderr
+
+
+def code_version(repo):
+    return subprocess.run([sys.executable, "-c", "from pipeline import training; print(training.code_version())"],
+                          cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_other_training_code_has_another_resume_key(repo_copy):
+    before = code_version(repo_copy)
+    loop = repo_copy / "pipeline" / "loop.py"
+    loop.write_text(loop.read_text() + "\n# an edit\n")
+    assert code_version(repo_copy) != before
+
+
+def test_ui_creates_a_missing_study_storage_shows_both_and_stops_when_one_dies(repo_copy, tmp_path):
+    import socket
+    import urllib.request
+
+    import psutil
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    mlflow_port, optuna_port = free_port(), free_port()
+    storage = tmp_path / "missing" / "optuna.db"
+    storage.parent.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
+                                "--optuna-port", str(optuna_port), "--set", f"tune.storage=sqlite:///{storage}"],
+                               cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        shown = [process.stdout.readline() for _ in range(2)]
+        assert sorted(line.split(":")[0] for line in shown) == ["MLflow UI", "Optuna dashboard"], shown
+        for port, path in ((optuna_port, "/api/studies"), (mlflow_port, "/")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                assert response.status == 200
+        dashboard, = [child for child in psutil.Process(process.pid).children()
+                      if "optuna-dashboard" in " ".join(child.cmdline())]
+        dashboard.kill()
+        assert process.wait(timeout=30) == 2
+        out, err = process.communicate(timeout=30)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: Optuna dashboard was killed (signal 9)"), err
+        assert "GET /" not in out + err  # access logs stay out of the terminal
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if f"--port {mlflow_port}" in " ".join(p.info["cmdline"] or [])], "the MLflow UI was left running"
+
+
+def test_diverging_run_is_failed_with_one_line(repo_copy, tracked_env):
+    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
+    result = run_cli("train", "--model", "mlp", "--set", "train.optimizer=sgd", "--set", "train.lr=1e12",
+                     "--set", "train.epochs=3", cwd=repo_copy, env=tracked_env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: training loss became")
+    run, = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED" and "training loss became" in run.data.tags["error"]
+
+
+def start_training(repo: Path, env: dict, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--model", "cnn", *overrides], cwd=repo,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        if text in line:
+            return
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout}s"
+    raise AssertionError(f"process ended before {text!r}: {process.stderr.read()}")
+
+
+def only_run(client):
+    run, = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`pipeline.role` = 'cnn'")
+    return run
+
+
+def test_sigterm_ends_run_killed_and_the_resumed_training_continues_it(repo_copy, tracked_env):
+    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
+    process = start_training(repo_copy, tracked_env, "--set", "train.epochs=300")
+    wait_for_line(process, "epoch   2/300")  # every callback of epoch 1 ran, and its resume point exists
+    assert list((repo_copy / "checkpoints/cnn").glob("*.pt")), "no resume point written"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and "terminated" in stderr
+    client = MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
+    killed = only_run(client)
+    assert killed.info.status == "KILLED"
+    assert len(client.get_metric_history(killed.info.run_id, "val_accuracy")) >= 1
+
+    # another config under the same run name starts fresh and leaves the interrupted run's resume point alone
+    other = run_cli("train", "--model", "cnn", "--set", "train.epochs=2", cwd=repo_copy, env=tracked_env)
+    assert other.returncode == 0 and "resuming" not in other.stderr and "starting fresh: 1 resume point" in other.stderr
+    assert len(list((repo_copy / "checkpoints/cnn").glob("*.pt"))) == 1
+
+
+def test_a_sigkilled_run_is_closed_by_the_next_process_and_its_resumed_training_logs_every_epoch_once(
+        repo_copy, tracked_env):
+    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
+    # epochs reach MLflow only at the end: a SIGKILL loses them all, and the resumed run must send them
+    settings = ("--set", "train.epochs=30", "--set", "tracking.flush_every_s=3600", "--set", "tracking.log_models=false")
+    process = start_training(repo_copy, tracked_env, *settings)
+    wait_for_line(process, "epoch   3/30")
+    process.kill()
+    process.wait(timeout=30)
+    client = MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
+    orphan = only_run(client)
+    assert orphan.info.status == "RUNNING"
+
+    run_cli("train", "--model", "logreg", "--set", "train.epochs=1", cwd=repo_copy, env=tracked_env, check=True)
+    closed = client.get_run(orphan.info.run_id)
+    assert closed.info.status == "KILLED" and "killed" in closed.data.tags["pipeline.end_reason"]
+
+    resumed = run_cli("train", "--model", "cnn", *settings, cwd=repo_copy, env=tracked_env, check=True)
+    assert "resuming from" in resumed.stderr
+    run = only_run(client)
+    assert run.info.run_id == orphan.info.run_id and run.info.status == "FINISHED"
+    assert "pipeline.end_reason" not in run.data.tags
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert steps == list(range(1, 31))  # every epoch, each once
+    assert not list((repo_copy / "checkpoints/cnn").glob("*.pt")), "a finished run keeps no resume point"
