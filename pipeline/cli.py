@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 from pathlib import Path
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     who = train.add_mutually_exclusive_group()
     who.add_argument("--model", help="model to train (default: model.name); writes models/NAME/")
     who.add_argument("--final", action="store_true", help="train model.name as the final model: models/final/")
+    train.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                       help="data-parallel on N processes (torchrun; gloo on CPU, nccl on CUDA)")
     train.add_argument("--tuned", metavar="JSON", help="apply a search's best params (reports/tune/best_params.json)")
     tune = commands.add_parser("tune", parents=[common], help="Optuna search for model.name -> reports/tune/")
     tune.add_argument("--workers", type=positive_int, metavar="N", help="worker processes (default: tune.workers)")
@@ -78,27 +81,50 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv minus `option VALUE` / `option=VALUE` (the ranks torchrun starts must not start ranks themselves)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            kept.append(item)
+    return kept
+
+
+def _say(line: str) -> None:
+    """A line on stderr; of several ranks (torchrun sets RANK) only rank 0 speaks, the others fail the same way."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:  # not yet started by torchrun
+        from pipeline import distributed
+
+        return distributed.launch(args.nproc, _without_option(argv, "--nproc"))
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         run(args)
     except UserError as err:
-        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        _say(f"error: {one_line(str(err))}")
         return 2
     except OSError as err:
         if err.errno not in ENVIRONMENT_ERRNOS:
             raise
         where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {one_line(where + (err.strerror or str(err)))}; free space or fix permissions and run again",
-              file=sys.stderr)
+        _say(f"error: {one_line(where + (err.strerror or str(err)))}; free space or fix permissions and run again")
         return 2
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, Terminated)
-        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        _say("terminated" if terminated else "interrupted")
         return 143 if terminated else 130
     except CheckFailed as failed:
-        print(f"error: {one_line(str(failed))}", file=sys.stderr)
+        _say(f"error: {one_line(str(failed))}")
         return 1
     return 0
 

@@ -225,6 +225,13 @@ class Config(Section):
             node = node[part]
         return node
 
+    def subset(self, keys: list[str]) -> dict[str, Any]:
+        """The values of dotted `keys` as a nested dict (what an output may depend on, and nothing else)."""
+        tree: dict[str, Any] = {}
+        for key in keys:
+            _set_dotted(tree, key, self.value(key))
+        return tree
+
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, as `dvc exp run -S` and MLflow params spell them."""
         return flatten(self.model_dump())

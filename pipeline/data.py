@@ -227,9 +227,10 @@ class TensorBatches:
     """Iterates (inputs, labels) batches of an in-memory Split by index."""
 
     def __init__(self, split: Split, batch_size: int, transform: BatchTransform, shuffle: bool = False,
-                 drop_last: bool = False, generator: torch.Generator | None = None):
+                 drop_last: bool = False, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)):
         self.split, self.batch_size, self.transform = split, batch_size, transform
         self.shuffle, self.drop_last, self.generator = shuffle, drop_last, generator
+        self.shard = shard  # (rank, ranks): this rank's slice of every batch
 
     def __len__(self) -> int:
         n, b = len(self.split), self.batch_size
@@ -240,9 +241,14 @@ class TensorBatches:
         device = self.split.labels.device
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(device, non_blocking=True)
+        rank, ranks = self.shard
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
-            yield self.transform(self.split.images[index]), self.split.labels[index]
+            # the whole batch is augmented on every rank, so each draws what a single process would draw
+            inputs, labels = self.transform(self.split.images[index]), self.split.labels[index]
+            if ranks > 1:
+                inputs, labels = inputs.tensor_split(ranks)[rank], labels.tensor_split(ranks)[rank]
+            yield inputs, labels
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()} if self.generator is not None else {}
@@ -257,7 +263,8 @@ class TensorBatches:
 
 
 def training_batches(data: PreparedData, batch_size: int, augment: AugmentConfig, seed: int, device: torch.device,
-                     drop_last: bool = False, channels_last: bool = False) -> tuple[TensorBatches, TensorBatches]:
+                     drop_last: bool = False, channels_last: bool = False, shard: tuple[int, int] = (0, 1)
+                     ) -> tuple[TensorBatches, TensorBatches]:
     """Shuffled, augmented train batches and plain val batches, both resident on `device`.
 
     One seeded generator on the data's device drives both shuffling and
@@ -266,7 +273,7 @@ def training_batches(data: PreparedData, batch_size: int, augment: AugmentConfig
     generator = torch.Generator(device=device).manual_seed(seed)
     train_transform = BatchTransform(data.mean, data.std, augment, generator, channels_last)
     train = TensorBatches(data.train.to(device), batch_size, train_transform, shuffle=True,
-                          drop_last=drop_last, generator=generator)
+                          drop_last=drop_last, generator=generator, shard=shard)
     return train, eval_batches(data.val, data.mean, data.std, device, channels_last)
 
 

@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import files
+from pipeline import distributed, files
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError, first_line, shorten
 from pipeline.metrics import EpochMetrics, is_better, worst
@@ -142,8 +143,9 @@ class Checkpoints:
     `meta` travels with the state (e.g. the tracking run to continue).
     """
 
-    def __init__(self, directory: Path, key: str, meta: dict | None = None):
+    def __init__(self, directory: Path, key: str, meta: dict | None = None, writer: bool = True):
         self.directory, self.key, self.meta = Path(directory), key, dict(meta or {})
+        self.writer = writer  # of several ranks, one writes (and speaks); all read
         self._loaded: dict | None = None
 
     @property
@@ -157,14 +159,16 @@ class Checkpoints:
             self.meta = {**self._loaded.get("meta", {}), **self.meta}
         elif self._loaded is None:
             others = sorted(self.directory.glob("*.pt")) if self.directory.is_dir() else []
-            if others:
+            if others and self.writer:
                 print(f"starting fresh: {len(others)} resume point(s) in {self.directory} belong to another "
                       "config, data or code version (kept for their own runs)", file=sys.stderr)
         return self._loaded
 
     def _read(self, path: Path) -> dict:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about odd bytes before it refuses them: one line is enough
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
             missing = {"epoch", "model", "optimizer", "history", "rng"} - set(state)
         except Exception as err:  # noqa: BLE001 - truncated, empty or foreign bytes all mean "unusable"
             missing, reason = None, shorten(first_line(err), 80)
@@ -175,16 +179,19 @@ class Checkpoints:
         return state
 
     def save(self, state: dict) -> None:
-        files.save_torch({**state, "meta": self.meta}, self.path)
+        if self.writer:
+            files.save_torch({**state, "meta": self.meta}, self.path)
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.writer:
+            self.path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the loop
 
 def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: torch.device,
-        callbacks: Sequence[Callback] = (), checkpoints: Checkpoints | None = None) -> FitResult:
+        callbacks: Sequence[Callback] = (), checkpoints: Checkpoints | None = None,
+        world: distributed.World = distributed.World()) -> FitResult:
     """Train `model` for `cfg.epochs` (or until early stopping); returns history and best weights.
 
     `train_batches`/`val_batches` yield (inputs, labels) already on `device`; the
@@ -193,10 +200,14 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.compile else model
+    trained = distributed.wrap(model, device, world)  # DistributedDataParallel when there are several ranks
+    forward = torch.compile(trained) if cfg.compile else trained
+    judged = model if world.distributed else forward  # every rank evaluates the whole val split alike
     dtype = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # several ranks sum their slice's losses (see train_one_epoch); one process averages as usual
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing,
+                                    reduction="sum" if world.distributed else "mean")
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler, step_per_batch = build_scheduler(optimizer, cfg, len(train_batches))
 
@@ -227,8 +238,8 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_accuracy, seen = train_one_epoch(
             forward, criterion, optimizer, scaler, scheduler if step_per_batch else None,
-            train_batches, cfg, dtype, device, epoch)
-        val_loss, val_accuracy = evaluate(forward, val_batches, dtype, device)
+            train_batches, cfg, dtype, device, epoch, world)
+        val_loss, val_accuracy = evaluate(judged, val_batches, dtype, device)
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(f"training loss became {train_loss} in epoch {epoch} (lr={lr:g})")
         seconds = time.perf_counter() - tick
@@ -244,7 +255,7 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-        if checkpoints:
+        if checkpoints:  # Checkpoints.writer: only one rank writes
             checkpoints.save({
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -262,15 +273,24 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
 
 
 def train_one_epoch(model, criterion, optimizer, scaler, batch_scheduler, batches, cfg: TrainConfig,
-                     dtype, device: torch.device, epoch: int) -> tuple[float, float, int]:
+                    dtype, device: torch.device, epoch: int, world: distributed.World = distributed.World()
+                    ) -> tuple[float, float, int]:
+    """One pass over `batches`; returns (mean loss, accuracy, samples), over all ranks when there are several."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    seen = torch.zeros((), device=device, dtype=torch.long)
     for inputs, labels in _progress(batches, f"epoch {epoch}/{cfg.epochs}"):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(inputs)
             loss = criterion(logits, labels)
+            summed = loss.detach().float() * len(labels)
+            if world.distributed:
+                # Each rank holds a slice of the global batch, and DDP averages gradients over the ranks: scaled by
+                # ranks / samples in the global batch, the average is the global batch's mean-loss gradient.
+                summed = loss.detach().float()
+                count = torch.tensor(float(len(labels)), device=device)
+                loss = loss * world.size / distributed.all_reduce_sum(count, world)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -281,10 +301,12 @@ def train_one_epoch(model, criterion, optimizer, scaler, batch_scheduler, batche
         if batch_scheduler is not None:
             batch_scheduler.step()
         # Accumulate on the device: a .item() here would stall the GPU every step.
-        loss_sum += loss.detach().float() * len(labels)
+        loss_sum += summed
         hits += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
-    return loss_sum.item() / max(seen, 1), hits.item() / max(seen, 1), seen
+    totals = distributed.all_reduce_sum(torch.stack([loss_sum, hits.float(), seen.float()]), world).tolist()
+    loss_total, hit_total, count = totals[0], totals[1], int(totals[2])
+    return loss_total / max(count, 1), hit_total / max(count, 1), count
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline import files
-from pipeline.config import Config, ModelConfig
+from pipeline.config import Config, ModelConfig, training_keys
 from pipeline.errors import UserError, first_line
 
 Shape = tuple[int, int, int]
@@ -111,10 +111,10 @@ def save_model(path: Path, state_dict: dict, cfg: Config, classes: list[str], in
                mean: list[float], std: list[float], **info) -> None:
     """Weights plus everything needed to rebuild and feed the model; loads with weights_only=True.
 
-    Only what determines the model goes in (no run ids, no timings): a deterministic re-run writes the same bytes,
-    so DVC sees no change.
+    Only what determines the model goes in: the params that shape training (the train stage's deps), no run ids,
+    no timings, no store URLs. A deterministic re-run writes the same bytes, and no undeclared param changes them.
     """
-    payload = {"state_dict": state_dict, "config": cfg.public(), "classes": list(classes),
+    payload = {"state_dict": state_dict, "config": cfg.subset(training_keys()), "classes": list(classes),
                "input_shape": list(input_shape), "mean": list(mean), "std": list(std), **info}
     files.save_torch(payload, path)
 

@@ -9,7 +9,14 @@ without heartbeats). Other hosts' orphans are left to heartbeats.
 
 from __future__ import annotations
 
+import os
 import socket
+
+
+def host() -> str:
+    """The name this machine goes by in owners: PIPELINE_HOSTNAME (for machines that share a hostname, e.g.
+    containers), else the hostname."""
+    return os.environ.get("PIPELINE_HOSTNAME") or socket.gethostname()
 
 
 def identity(pid: int | None = None) -> str:
@@ -17,11 +24,11 @@ def identity(pid: int | None = None) -> str:
     import psutil
 
     process = psutil.Process(pid)
-    return f"{socket.gethostname()}:{process.pid}:{process.create_time():.0f}"
+    return f"{host()}:{process.pid}:{process.create_time():.0f}"
 
 
 def is_local(owner: str) -> bool:
-    return owner.startswith(socket.gethostname() + ":")
+    return owner.startswith(host() + ":")
 
 
 def is_dead(owner: str) -> bool:
@@ -32,6 +39,7 @@ def is_dead(owner: str) -> bool:
         return False
     try:
         _, pid, _ = owner.rsplit(":", 2)
-        return identity(int(pid)) != owner
+        # a killed child its parent has not reaped yet is a zombie: gone, though its pid still answers
+        return identity(int(pid)) != owner or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError):
         return True

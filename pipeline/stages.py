@@ -79,44 +79,62 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
 
     An interrupted run resumes from its own resume point (same config, data and
     code) and continues its own MLflow run; a finished run is never resumed.
-    Returns the MLflow run id (None with tracking off).
+    Started by torchrun (`train --nproc N`), every rank trains and rank 0 alone
+    writes, logs and tracks. Returns the MLflow run id (None with tracking off).
     """
-    from pipeline import data, files, loop, metrics, models, reporting, training
+    from pipeline import data, distributed, loop, training
 
     run_paths = run_paths or RunPaths.of(run_name)
     prepared = data.load_prepared(paths.PREPARED_DIR)
-    device = loop.resolve_device(cfg.train.device)
-    model, train_batches, val_batches = training.setup(cfg, prepared, device)
-    print(f"[{run_name}] {cfg.model.name}: {models.count_parameters(model):,} parameters on {device}, "
-          f"{len(prepared.train)} train / {len(prepared.val)} val images", flush=True)
+    world, device = distributed.init(loop.resolve_device(cfg.train.device))
+    try:
+        model, train_batches, val_batches = training.setup(cfg, prepared, device, world)
+        checkpoints = loop.Checkpoints(run_paths.checkpoints, training.resume_key(cfg, prepared.md5),
+                                       writer=world.is_main)
+        resumed = checkpoints.load() if cfg.train.resume else None
+        if not world.is_main:  # the other ranks train their slices, and that is all
+            loop.fit(model, train_batches, val_batches, cfg.train, device, (), checkpoints, world)
+            return None
+        from pipeline import models
 
-    checkpoints = loop.Checkpoints(run_paths.checkpoints, training.resume_key(cfg, prepared.md5))
-    resumed = checkpoints.load() if cfg.train.resume else None
-    name = cfg.model.name if run_name == cfg.model.name else f"{cfg.model.name}-{run_name}"
-    with training.tracked_run(cfg, f"{name}-{cfg.fingerprint()}", run_name, prepared.md5,
-                              continue_run_id=checkpoints.meta.get("mlflow_run_id") if resumed else None) as run:
-        if run:
-            checkpoints.meta["mlflow_run_id"] = run.run_id
-        callbacks = [loop.ConsoleLog(run_name, cfg.train.epochs)] + ([run.metrics] if run else [])
-        result = loop.fit(model, train_batches, val_batches, cfg.train, device, callbacks, checkpoints)
-
-        models.save_model(run_paths.model, result.best_state, cfg, prepared.classes, prepared.input_shape,
-                          prepared.mean, prepared.std, run_name=run_name, best_epoch=result.best_epoch,
-                          data_md5=prepared.md5)
-        summary = training.summary(cfg, result, model)
-        files.write_csv(run_paths.history, metrics.HISTORY_COLUMNS, map(metrics.history_row, result.history))
-        files.write_json(run_paths.metrics, summary)
-        reporting.plot_curves({run_name: result.history}, run_paths.curves)
-        if run:
-            _log_training(cfg, run, run_name, run_paths, summary, result, model, prepared)
-    checkpoints.clear()  # the outputs exist: this run is finished and must not be resumed
+        ranks = f" x {world.size} processes" if world.distributed else ""
+        print(f"[{run_name}] {cfg.model.name}: {models.count_parameters(model):,} parameters on {device}{ranks}, "
+              f"{len(prepared.train)} train / {len(prepared.val)} val images", flush=True)
+        name = cfg.model.name if run_name == cfg.model.name else f"{cfg.model.name}-{run_name}"
+        continued = checkpoints.meta.get("mlflow_run_id") if resumed else None
+        with training.tracked_run(cfg, f"{name}-{cfg.fingerprint()}", run_name, prepared.md5,
+                                  continue_run_id=continued) as run:
+            if run:
+                checkpoints.meta["mlflow_run_id"] = run.run_id
+            callbacks = [loop.ConsoleLog(run_name, cfg.train.epochs)] + ([run.metrics] if run else [])
+            result = loop.fit(model, train_batches, val_batches, cfg.train, device, callbacks, checkpoints, world)
+            summary = _write_training_outputs(cfg, run_name, run_paths, result, model, prepared)
+            if run:
+                _log_training(cfg, run, run_name, run_paths, summary, result, prepared, world)
+        checkpoints.clear()  # the outputs exist: this run is finished and must not be resumed
+    finally:
+        distributed.shutdown(world)
     best = result.best
     print(f"[{run_name}] best epoch {result.best_epoch}: val_accuracy {best.val_accuracy:.4f} "
           f"val_loss {best.val_loss:.4f} -> {run_paths.model}")
     return run.run_id if run else None
 
 
-def _log_training(cfg, run, run_name, run_paths, summary, result, model, prepared) -> None:
+def _write_training_outputs(cfg, run_name, run_paths, result, model, prepared) -> dict:
+    """The model file, history.csv, metrics.json and curves.png of a finished run; returns the summary."""
+    from pipeline import files, metrics, models, reporting, training
+
+    models.save_model(run_paths.model, result.best_state, cfg, prepared.classes, prepared.input_shape,
+                      prepared.mean, prepared.std, run_name=run_name, best_epoch=result.best_epoch,
+                      data_md5=prepared.md5)
+    summary = training.summary(cfg, result, model)
+    files.write_csv(run_paths.history, metrics.HISTORY_COLUMNS, map(metrics.history_row, result.history))
+    files.write_json(run_paths.metrics, summary)
+    reporting.plot_curves({run_name: result.history}, run_paths.curves)
+    return summary
+
+
+def _log_training(cfg, run, run_name, run_paths, summary, result, prepared, world) -> None:
     """What MLflow gets beyond the per-epoch curves: the best epoch's values, facts as tags, files, the model."""
     import torch
 
@@ -126,7 +144,8 @@ def _log_training(cfg, run, run_name, run_paths, summary, result, model, prepare
     run.log_metrics({"best_val_loss": best.val_loss, "best_val_accuracy": best.val_accuracy})
     run.set_tags({"best_epoch": result.best_epoch, "epochs_run": summary["epochs_run"],
                   "stopped_early": result.stopped_early, "model.parameters": summary["parameters"],
-                  "train_seconds": f"{result.seconds:.1f}", "tracking_seconds": f"{run.metrics.seconds_spent:.2f}"})
+                  "train_seconds": f"{result.seconds:.1f}", "tracking_seconds": f"{run.metrics.seconds_spent:.2f}",
+                  "distributed.world_size": world.size})
     run.log_config()
     run.log_artifacts(run_paths.history, run_paths.curves, run_paths.metrics)
     if cfg.tracking.log_models:

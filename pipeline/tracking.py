@@ -67,6 +67,7 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 def connect(cfg: TrackingConfig) -> MlflowClient:
     """A client for the store; the first connection of a process checks it and closes orphaned runs."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in stage logs
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # two lines per run (and trial)
     for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..." on stderr
         logging.getLogger(noisy).setLevel(logging.WARNING)
     uri = tracking_uri(cfg)
@@ -163,6 +164,18 @@ def close_orphaned_runs(client: MlflowClient) -> list[str]:
         print(f"closed {len(closed)} MLflow run(s) left running by killed processes: {', '.join(closed)}",
               file=sys.stderr)
     return closed
+
+
+def close_if_running(client: MlflowClient, run_id: str, reason: str) -> bool:
+    """End a run that was left RUNNING (its process is known to be gone) as KILLED, saying why."""
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+    except MlflowException:
+        return False
+    client.set_tag(run_id, ORPHAN_REASON, reason)
+    client.set_terminated(run_id, "KILLED")
+    return True
 
 
 # ---------------------------------------------------------------- lineage

@@ -15,17 +15,19 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, loop, models
+from pipeline import data, distributed, loop, models
 from pipeline.config import Config
 
 
-def setup(cfg: Config, prepared: data.PreparedData, device: torch.device):
-    """Seeded model and (train, val) batches on `device`: the same start for `train` and every trial."""
+def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
+          world: distributed.World = distributed.World()):
+    """Seeded model and (train, val) batches on `device`: the same start for `train`, every trial and every rank
+    (which takes its own slice of each training batch)."""
     loop.seed_everything(cfg.seed, cfg.train.deterministic)
     model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
     train_batches, val_batches = data.training_batches(
         prepared, cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
-        drop_last=cfg.train.drop_last, channels_last=cfg.train.channels_last)
+        drop_last=cfg.train.drop_last, channels_last=cfg.train.channels_last, shard=(world.rank, world.size))
     return model, train_batches, val_batches
 
 

@@ -139,8 +139,10 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
                 from optuna.storages.journal import JournalFileBackend
 
                 return optuna.storages.JournalStorage(JournalFileBackend(str(local)))
-            # SQLite writers wait for each other instead of failing with "database is locked".
-            engine = {"connect_args": {"timeout": 120}} if local else {"pool_pre_ping": True}
+            # SQLite writers wait for each other instead of failing with "database is locked". A server's
+            # connections are shared by every worker of every machine: a worker needs one, its heartbeat another.
+            engine = {"connect_args": {"timeout": 120}} if local else \
+                {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
             return optuna.storages.RDBStorage(
                 _sqlalchemy_url(url), engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
                 grace_period=cfg.grace_period,
@@ -333,6 +335,10 @@ def _next_trial(search: Search) -> optuna.Trial | None | bool:
             return False  # the rest are running elsewhere: wait, they may still fail and be retried
         trial = search.study.ask()  # takes a waiting (enqueued or retried) trial first
         trial.set_user_attr(OWNER, processes.identity())
+        if isinstance(search.storage, optuna.storages.RDBStorage):
+            # a first beat at once: Optuna never judges a trial without any heartbeat stale, so one killed before
+            # its first interval would keep the study waiting forever
+            search.storage.record_heartbeat(trial._trial_id)
         search.running.add(trial._trial_id)
         return trial
 
@@ -353,6 +359,7 @@ def run_trial(search: Search, trial: optuna.Trial) -> None:
                                         "optuna.trial": str(trial.number)}) as run:
             if run:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
+                run.log_config()  # the trial's whole config: what `reproduce` or a person needs
             # tracking first: a pruned trial's last epoch must still reach MLflow
             pruning = OptunaPruning(trial, cfg.tune.metric)
             callbacks = ([run.metrics] if run else []) + [pruning]
@@ -373,8 +380,11 @@ def run_trial(search: Search, trial: optuna.Trial) -> None:
     except (optuna.TrialPruned, *TRIAL_FAILURES):
         pass  # told below; the study goes on
     finally:
-        search.study.tell(trial, value, state=state)
         search.running.discard(trial._trial_id)
+        told = search.study.tell(trial, value, state=state, skip_if_finished=True)
+        if told.state != state:  # a worker judged it dead (heartbeats late on a starved machine) and retried it
+            state, note = told.state, "judged dead by another worker (late heartbeats); its result is dropped"
+            value = None
         shown = f"{cfg.tune.metric} {value:.4f}" if value is not None else note
         print(f"[tune] trial {trial.number:>3} {state.name:<8} {shown} in {time.perf_counter() - tick:.1f}s  "
               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
@@ -448,6 +458,7 @@ def tune(cfg: Config, prepared_dir: Path, worker_args: list[str]) -> dict:
         if cfg.tune.workers > 1:
             _run_worker_processes(cfg.tune.workers, worker_args)
         complete = run_worker(search)  # alone, or after the workers: runs whatever they left (retries)
+        _close_runs_of_dead_trials(search)
         best = _best_trial(study)
         record = {"study": study.study_name, "metric": cfg.tune.metric, "direction": cfg.tune.direction,
                   "value": best.value, "trial": best.number, "params": decoded_params(best, cfg.tune.space)}
@@ -489,6 +500,19 @@ def _parent_run(search: Search):
     with tracking.TrackedRun(cfg, study.study_name, "study", search.prepared.md5, continue_run_id=existing,
                              own_process=False) as run:
         yield run
+
+
+def _close_runs_of_dead_trials(search: Search) -> None:
+    """A trial failed for its dead process (here or on another machine) leaves its MLflow run RUNNING: close it."""
+    if not search.cfg.tracking.enabled:
+        return
+    from pipeline import tracking
+
+    client = tracking.connect(search.cfg.tracking)
+    for trial in search.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if "mlflow_run_id" in trial.user_attrs:
+            tracking.close_if_running(client, trial.user_attrs["mlflow_run_id"],
+                                      f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'its process died')}")
 
 
 def _run_worker_processes(workers: int, worker_args: list[str]) -> None:

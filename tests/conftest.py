@@ -90,6 +90,21 @@ def repo_copy(tmp_path: Path) -> Path:
     return copy_repo(tmp_path / "repo")
 
 
+@pytest.fixture(scope="session")
+def prepared_template(tmp_path_factory) -> Path:
+    """data/prepared of the default params (digits, seed 42), made once per test worker by the real CLI."""
+    repo = copy_repo(tmp_path_factory.mktemp("template") / "repo")
+    run_cli("prepare", cwd=repo, check=True)
+    return repo / "data" / "prepared"
+
+
+@pytest.fixture
+def prepared_repo(repo_copy: Path, prepared_template: Path) -> Path:
+    """A repo copy whose data is already prepared (a copy of the template: `prepare` costs a process start)."""
+    shutil.copytree(prepared_template, repo_copy / "data" / "prepared")
+    return repo_copy
+
+
 def run_dvc(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real `dvc` CLI, with this interpreter's bin first on PATH so stages find `python -m pipeline`."""
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -107,6 +122,41 @@ def edit_params(repo: Path, changes: dict) -> None:
             node = node[part]
         node[leaf] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def search_repo(prepared_repo, tracked_env, tmp_path):
+    """A prepared repo with a tiny search on its own SQLite storage; returns (repo, storage URL)."""
+    from searches import TINY_SEARCH
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    edit_params(prepared_repo, {**TINY_SEARCH, "tune.storage": storage})
+    return prepared_repo, storage
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """A real PostgreSQL and MLflow tracking server (scripts/services.py) for this test session.
+
+    Skipped with one reason where PostgreSQL cannot be installed; where PIPELINE_REQUIRE_SERVICES is set (CI),
+    that is a failure instead.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("services", REPO / "scripts" / "services.py")
+    services = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(services)
+    directory = tmp_path_factory.mktemp("services")
+    try:
+        env = services.start(directory)
+    except services.Unavailable as err:
+        if os.environ.get("PIPELINE_REQUIRE_SERVICES"):
+            pytest.fail(f"PostgreSQL/MLflow server required here (PIPELINE_REQUIRE_SERVICES): {err}")
+        pytest.skip(f"no PostgreSQL on this machine: {err}")
+    try:
+        yield env
+    finally:
+        services.stop(directory)
 
 
 @pytest.fixture
@@ -134,3 +184,18 @@ def write_digit_folder(root, per_class=30):
         (image.convert("RGB") if index % 2 else image).save(folder / f"{index}.png")
         written[label] = written.get(label, 0) + 1
     return sum(written.values())
+
+
+def stores(repo):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    return client, runs
+
+
+def by_role(runs):
+    roles = {}
+    for run in runs:
+        roles.setdefault(run.data.tags["pipeline.role"], []).append(run)
+    return roles

@@ -2,15 +2,10 @@
 
 import csv
 import json
-import re
-import subprocess
-import time
 
-import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import edit_params, git, run_cli, run_dvc, write_digit_folder
+from conftest import edit_params, git, run_cli, run_dvc, stores, write_digit_folder
 
 pytestmark = pytest.mark.slow
 
@@ -48,105 +43,17 @@ def test_train_without_prepared_data_is_a_one_line_error(repo_copy):
                                      "(run `python -m pipeline prepare` or `dvc repro prepare`)")
 
 
-def stores(repo):
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-    return client, runs
-
-
-def by_role(runs):
-    roles = {}
-    for run in runs:
-        roles.setdefault(run.data.tags["pipeline.role"], []).append(run)
-    return roles
-
-
-def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_path):
-    """The acceptance path of a new user: clone, `dvc repro`, look; `dvc repro -f`; an experiment on train.epochs."""
-    edit_params(repo_copy, TINY)
-    first = run_dvc("repro", cwd=repo_copy)
-    assert first.returncode == 0, first.stdout + first.stderr
-    git(repo_copy, "add", "-A")
-    git(repo_copy, "commit", "-qm", "published with its outputs")
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(repo_copy), str(clone)], check=True)
-
-    # a fresh clone: outputs in git, no DVC cache, no stores
-    repro = run_dvc("repro", cwd=clone)
-    assert repro.returncode == 0, repro.stdout + repro.stderr
-    assert "Running stage 'tune'" in repro.stdout  # its plots live in the (missing) DVC cache
-    assert git(clone, "status", "--porcelain").stdout == "", git(clone, "diff", "HEAD").stdout
-
-    storage = f"sqlite:///{clone / 'optuna.db'}"
-    name, = optuna.get_all_study_names(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
-    assert study.metric_names == ["val_loss"]
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                        optuna.trial.TrialState.PRUNED)]
-    assert len(finished) == 3 and finished[0].user_attrs.get("origin") == "params.yaml"
-    client, runs = stores(clone)
-    roles = by_role(runs)
-    study_run, = roles["study"]
-    for trial in finished:
-        run = client.get_run(trial.user_attrs["mlflow_run_id"])
-        assert run.data.tags["mlflow.parentRunId"] == study_run.info.run_id and run.info.status == "FINISHED"
-        assert run.data.tags["optuna.state"] == trial.state.name
-    for run in roles["logreg"] + roles["final"]:
-        assert run.info.status == "FINISHED" and run.data.tags["git.dirty"] == "false"
-        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
-        assert {"test_accuracy", "best_val_loss"} <= set(run.data.metrics)
-        # evaluation added test metrics without re-opening the run: its duration is its training
-        assert run.info.end_time <= min(m.timestamp for m in client.get_metric_history(run.info.run_id,
-                                                                                        "test_accuracy"))
-    version, = client.search_model_versions("name = 'digits-cnn'")
-    assert client.get_model_version_by_alias("digits-cnn", "best").version == version.version
-    assert {"val_loss", "test_accuracy", "data.md5"} <= set(version.tags)
-
-    # forced: every model trains from scratch (full curves), and git still sees no change
-    forced = run_dvc("repro", "-f", "-s", "train@logreg", "train_final", cwd=clone)
-    assert forced.returncode == 0, forced.stdout + forced.stderr
-    assert "resuming" not in forced.stderr
-    assert git(clone, "status", "--porcelain").stdout == ""
-    client, runs = stores(clone)
-    assert len(by_role(runs)["final"]) == 2
-    for run in by_role(runs)["final"]:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
-
-    # another train.epochs re-trains the models, but not the search (tune.epochs fixes its epochs)
-    experiment = run_dvc("exp", "run", "-S", "train.epochs=3", "-n", "three-epochs", cwd=clone)
-    assert experiment.returncode == 0, experiment.stdout + experiment.stderr
-    assert "Running stage 'train@logreg'" in experiment.stdout and "Running stage 'tune'" not in experiment.stdout
-    shown = json.loads(run_dvc("exp", "show", "--json", cwd=clone).stdout)
-    recorded = next(exp["revs"][0]["data"] for rev in shown for exp in (rev.get("experiments") or [])
-                    if exp.get("name") == "three-epochs")
-    assert recorded["params"]["params.yaml"]["data"]["train"]["epochs"] == 3
-    assert "accuracy" in recorded["metrics"]["reports/metrics.json"]["data"]
-
-    for command in (["exp", "show", "--drop", "models.*", "--json"], ["plots", "show", "-o", str(tmp_path / "p")]):
-        shown = run_dvc(*command, cwd=clone)
-        assert shown.returncode == 0 and "ERROR" not in shown.stderr, shown.stderr
-
-
-def test_a_queued_experiment_logs_to_the_root_store(repo_copy):
-    """DVC runs queued experiments in copies under .dvc/tmp/; their runs must land in the repo's store."""
+def test_an_experiment_in_a_temporary_copy_logs_to_the_root_store(repo_copy):
+    """DVC runs queued and --temp experiments in copies under .dvc/tmp/; their runs must land in the repo's store."""
     edit_params(repo_copy, {**TINY, "train.epochs": 1, "comparison": ["logreg"], "model.name": "logreg",
                             "tracking.log_models": False, "tune.n_trials": 1})
     git(repo_copy, "commit", "-qam", "tiny")
-    queued = run_dvc("exp", "run", "--queue", "-S", "train.lr=0.02", cwd=repo_copy)
-    assert queued.returncode == 0, queued.stderr
-    started = run_dvc("queue", "start", cwd=repo_copy)
-    assert started.returncode == 0, started.stderr
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        status = run_dvc("queue", "status", cwd=repo_copy).stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(2)
-    run_dvc("queue", "stop", "--kill", cwd=repo_copy)
-    assert status.count("Success") == 1, status
+    # --temp runs in the same kind of copy under .dvc/tmp/exps/ as `dvc queue` workers, without the queue's workers
+    experiment = run_dvc("exp", "run", "--temp", "-S", "train.lr=0.02", "train@logreg", cwd=repo_copy)
+    assert experiment.returncode == 0, experiment.stdout + experiment.stderr
     _, runs = stores(repo_copy)
-    runs = [r for r in runs if r.info.status == "FINISHED" and r.data.tags["pipeline.role"] in ("logreg", "final")]
-    assert len(runs) == 2  # the experiment's comparison run and final run, in the repo's own store
+    runs = [r for r in runs if r.info.status == "FINISHED"]
+    assert [r.data.tags["pipeline.role"] for r in runs] == ["logreg"]  # in the repo's own store
     assert all(r.data.tags.get("dvc.exp_name") for r in runs), [r.data.tags for r in runs]
     assert {r.data.params["train.lr"] for r in runs} == {"0.02"}
     assert not (repo_copy / ".dvc/tmp/exps").exists() or not list((repo_copy / ".dvc/tmp/exps").rglob("mlflow.db"))
@@ -155,13 +62,16 @@ def test_a_queued_experiment_logs_to_the_root_store(repo_copy):
 def test_folder_dataset_through_dvc_exp_run(repo_copy, tmp_path):
     images = tmp_path / "images"
     assert write_digit_folder(images) == 300
-    edit_params(repo_copy, {**UNTRACKED, "train.epochs": 15, "comparison": ["logreg"], "model.name": "logreg"})
+    edit_params(repo_copy, {**UNTRACKED, "train.epochs": 15, "train.lr": 0.05, "comparison": ["logreg"],
+                            "model.name": "logreg"})
     git(repo_copy, "commit", "-qam", "tiny")
     result = run_dvc("exp", "run", "-S", "data.name=folder", "-S", f"data.path={images}", "-S", "data.channels=1",
-                     "-S", "data.image_size=8", cwd=repo_copy)
+                     "-S", "data.image_size=8", "train@logreg", cwd=repo_copy)
     assert result.returncode == 0, result.stdout + result.stderr
     meta = json.loads((repo_copy / "data/prepared/meta.json").read_text())
     assert meta["classes"] == [f"digit_{i}" for i in range(10)] and meta["shape"] == [1, 8, 8]
     assert sum(meta["sizes"].values()) == 300
-    accuracy = json.loads((repo_copy / "reports/metrics.json").read_text())["accuracy"]
-    assert accuracy > 0.6, f"test accuracy {accuracy} is not well above chance (0.1)"
+    manifest = json.loads((repo_copy / "data/raw/folder/manifest.json").read_text())
+    assert len(manifest["files"]) == 300  # what DVC tracks of a folder outside the repo
+    accuracy = json.loads((repo_copy / "reports/train/logreg/metrics.json").read_text())["val_accuracy"]
+    assert accuracy > 0.6, f"validation accuracy {accuracy} is not well above chance (0.1)"

@@ -107,8 +107,8 @@ def test_ui_creates_a_missing_study_storage_shows_both_and_stops_when_one_dies(r
                 if f"--port {mlflow_port}" in " ".join(p.info["cmdline"] or [])], "the MLflow UI was left running"
 
 
-def test_diverging_run_is_failed_with_one_line(repo_copy, tracked_env):
-    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
+def test_diverging_run_is_failed_with_one_line(prepared_repo, tracked_env):
+    repo_copy = prepared_repo
     result = run_cli("train", "--model", "mlp", "--set", "train.optimizer=sgd", "--set", "train.lr=1e12",
                      "--set", "train.epochs=3", cwd=repo_copy, env=tracked_env)
     assert result.returncode == 2
@@ -136,8 +136,8 @@ def only_run(client):
     return run
 
 
-def test_sigterm_ends_run_killed_and_the_resumed_training_continues_it(repo_copy, tracked_env):
-    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
+def test_sigterm_ends_run_killed_and_the_resumed_training_continues_it(prepared_repo, tracked_env):
+    repo_copy = prepared_repo
     process = start_training(repo_copy, tracked_env, "--set", "train.epochs=300")
     wait_for_line(process, "epoch   2/300")  # every callback of epoch 1 ran, and its resume point exists
     assert list((repo_copy / "checkpoints/cnn").glob("*.pt")), "no resume point written"
@@ -156,8 +156,8 @@ def test_sigterm_ends_run_killed_and_the_resumed_training_continues_it(repo_copy
 
 
 def test_a_sigkilled_run_is_closed_by_the_next_process_and_its_resumed_training_logs_every_epoch_once(
-        repo_copy, tracked_env):
-    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
+        prepared_repo, tracked_env):
+    repo_copy = prepared_repo
     # epochs reach MLflow only at the end: a SIGKILL loses them all, and the resumed run must send them
     settings = ("--set", "train.epochs=30", "--set", "tracking.flush_every_s=3600", "--set", "tracking.log_models=false")
     process = start_training(repo_copy, tracked_env, *settings)

@@ -11,14 +11,14 @@ from PIL import Image
 
 from conftest import copy_repo, edit_params, run_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]  # one worker builds the shared fixture
+pytestmark = pytest.mark.slow
 
 TEST_METRICS = {"test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro", "test_f1_weighted"}
 PASSWORD = "Pa55-w0rd-that-must-not-leak"
 SECRET_STORAGE = f"postgresql://optuna:{PASSWORD}@127.0.0.1:1/optuna"
 
 
-@pytest.fixture(scope="session")  # session, not module: a test worker may interleave other modules' tests
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One repo copy with a tracked logreg comparison run and two tracked final logreg runs, evaluated.
 

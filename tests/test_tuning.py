@@ -1,8 +1,6 @@
 """The Optuna stage on real storages (SQLite, journal file) and a real MLflow store, tiny settings."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,43 +11,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import REPO, edit_params, run_cli
+from searches import CONTINUOUS, load_only_study, states
 
 pytestmark = pytest.mark.slow
-
-# lr 1e-6 learns nothing, so the median pruner has something to prune
-TINY_SEARCH = {"comparison": ["logreg"], "model.name": "mlp", "tune.epochs": 3, "tune.startup_trials": 2,
-               "tune.warmup_epochs": 1, "tracking.log_models": False,
-               "tune.space": {"train.lr": {"choices": [1.0e-6, 3.0e-3]}, "model.dropout": {"low": 0.0, "high": 0.3}}}
-CONTINUOUS = {"train.lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True}, "model.dropout": {"low": 0.0, "high": 0.5}}
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def storage_for(kind, tmp_path):
-    return f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else str(tmp_path / "optuna.journal")
-
-
-def opened(storage):
-    if "://" in storage:
-        return storage
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
-
-
-@pytest.fixture
-def search_repo(repo_copy, tracked_env, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    edit_params(repo_copy, {**TINY_SEARCH, "tune.storage": storage})
-    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
-    return repo_copy, storage
-
-
-def load_only_study(storage):
-    name, = optuna.get_all_study_names(opened(storage))
-    return optuna.load_study(study_name=name, storage=opened(storage))
-
-
-def states(study):
-    return [t.state for t in study.trials]
-
 
 def test_tune_writes_best_params_with_nested_mlflow_runs(search_repo, tracked_env):
     repo, storage = search_repo
@@ -95,110 +59,6 @@ def test_the_untuned_settings_are_the_first_trial(search_repo, tracked_env):
     assert result.returncode == 0, result.stderr
     first = load_only_study(storage).trials[0]
     assert first.params == {"train.lr": 0.001, "model.dropout": 0.2} and first.user_attrs["origin"] == "params.yaml"
-
-
-def test_four_workers_finish_exactly_n_trials_all_different(search_repo, tracked_env):
-    repo, storage = search_repo
-    edit_params(repo, {"tune.space": CONTINUOUS, "tune.sampler": "random"})
-    result = run_cli("tune", "--workers", "4", "--set", "tune.n_trials=10", cwd=repo, env=tracked_env)
-    assert result.returncode == 0, result.stderr
-    assert "locked" not in result.stderr.lower()
-    study = load_only_study(storage)
-    assert len(study.trials) == 10 and all(state in FINISHED for state in states(study))
-    proposals = {tuple(sorted(t.params.items())) for t in study.trials}
-    assert len(proposals) == 10, "workers proposed the same params"  # each process draws its own sampler seed
-
-
-def test_interrupted_search_resumes_with_new_proposals_and_without_repeating_trials(search_repo, tracked_env):
-    repo, storage = search_repo
-    edit_params(repo, {"tune.epochs": 8, "tune.warmup_epochs": 8, "tune.space": CONTINUOUS,
-                       "tune.sampler": "random"})  # slower trials, none pruned
-    process = start_tune(repo, "--set", "tune.n_trials=6", env=tracked_env)
-    deadline = time.monotonic() + 120
-    while len(completed(storage)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
-    assert process.returncode == 143
-    before = {t.number: t.value for t in completed(storage)}
-    assert 3 <= len(before) < 6
-
-    result = run_cli("tune", "--set", "tune.n_trials=6", cwd=repo, env=tracked_env)
-    assert result.returncode == 0, result.stderr
-    study = load_only_study(storage)
-    complete = {t.number: t.value for t in study.trials if t.state == TrialState.COMPLETE}
-    assert {n: complete[n] for n in before} == before  # finished trials kept, not re-run
-    assert len(complete) == 6
-    assert all(s in (TrialState.COMPLETE, TrialState.FAIL) for s in states(study))
-    assert states(study).count(TrialState.FAIL) <= 1  # at most the trial that was running when it was killed
-    proposals = [tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(set(proposals)) == 6, "the resumed search repeated earlier proposals"
-
-
-def start_tune(repo, *overrides, env=None):
-    """A `tune` process, returned once its storage and study exist (polling them earlier would race their creation)."""
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *overrides], cwd=repo, text=True,
-                               env={**os.environ, **(env or {})}, stdout=subprocess.PIPE)
-    for line in process.stdout:
-        if line.startswith("[tune] study"):
-            return process
-    raise AssertionError(f"tune exited with {process.wait()} before opening its study")
-
-
-def completed(storage):
-    try:
-        return [t for t in load_only_study(storage).trials if t.state == TrialState.COMPLETE]
-    except (ValueError, KeyError):
-        return []
-
-
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_a_sigkilled_last_trial_is_failed_retried_and_the_study_finished_by_a_rerun(search_repo, tracked_env,
-                                                                                   tmp_path, kind):
-    repo, _ = search_repo
-    storage = storage_for(kind, tmp_path / kind)
-    (tmp_path / kind).mkdir()
-    edit_params(repo, {"model.name": "cnn", "tune.epochs": 60, "tune.warmup_epochs": 100, "tune.storage": storage,
-                       "tune.space": CONTINUOUS, "tracking.enabled": False})
-    # two trials of a few seconds each: kill the process during the second, the last one, as a power cut would
-    process = start_tune(repo, "--set", "tune.n_trials=2")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (len(completed(storage)) == 1
-                                               and TrialState.RUNNING in states(load_only_study(storage))):
-        time.sleep(0.1)
-    process.kill()
-    process.wait(timeout=30)
-    assert states(load_only_study(storage)) == [TrialState.COMPLETE, TrialState.RUNNING]
-
-    result = run_cli("tune", "--set", "tune.n_trials=2", cwd=repo)
-    assert result.returncode == 0, result.stderr
-    study = load_only_study(storage)
-    assert [t.state for t in study.trials if t.state in FINISHED] == [TrialState.COMPLETE] * 2
-    failed, = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert "died" in failed.user_attrs["fail_reason"]
-    retry, = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number]
-    assert retry.state == TrialState.COMPLETE and retry.params == failed.params
-
-
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_four_tune_processes_started_at_once_on_a_fresh_storage(repo_copy, tracked_env, tmp_path, kind):
-    storage = storage_for(kind, tmp_path)
-    edit_params(repo_copy, {**TINY_SEARCH, "tune.space": CONTINUOUS, "tune.storage": storage})
-    run_cli("prepare", cwd=repo_copy, check=True, env=tracked_env)
-    command = [sys.executable, "-m", "pipeline", "tune", "--set", "tune.n_trials=6"]
-    processes = [subprocess.Popen(command, cwd=repo_copy, env={**os.environ, **tracked_env}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr
-    study = load_only_study(storage)
-    assert sum(state in FINISHED for state in states(study)) == 6
-    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)
-    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                 filter_string="tags.`pipeline.role` = 'study'")
-    assert len(parents) == 1 and parents[0].info.run_id == study.user_attrs["mlflow_parent_run_id"]
-    assert json.loads((repo_copy / "reports/tune/best_params.json").read_text())["study"] == study.study_name
-    assert not [p for p in (repo_copy / "reports/tune").rglob("*.tmp")]
 
 
 def test_diverging_trials_fail_with_reason_and_the_study_goes_on(search_repo, tracked_env, tmp_path):

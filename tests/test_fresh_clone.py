@@ -1,0 +1,82 @@
+"""The acceptance path of a new user on a fresh clone, with the real `dvc` and MLflow/Optuna stores."""
+
+import json
+import subprocess
+
+import optuna
+import pytest
+
+from conftest import by_role, edit_params, git, run_dvc, stores
+
+pytestmark = pytest.mark.slow
+
+TINY = {"train.epochs": 2, "comparison": ["logreg"], "tune.n_trials": 3, "tune.epochs": 2, "tune.startup_trials": 1}
+
+
+def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_path):
+    """The acceptance path of a new user: clone, `dvc repro`, look; `dvc repro -f`; an experiment on train.epochs."""
+    # The publisher's own run needs no tracking (tracking.* is no stage's dep: DVC ignores it, the outputs are
+    # the same); the published commit turns it on, as the user's clone has it.
+    edit_params(repo_copy, {**TINY, "tracking.enabled": False})
+    first = run_dvc("repro", cwd=repo_copy)
+    assert first.returncode == 0, first.stdout + first.stderr
+    edit_params(repo_copy, {"tracking.enabled": True})
+    git(repo_copy, "add", "-A")
+    git(repo_copy, "commit", "-qm", "published with its outputs")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo_copy), str(clone)], check=True)
+
+    # a fresh clone: outputs in git, no DVC cache, no stores
+    repro = run_dvc("repro", cwd=clone)
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    assert "Running stage 'tune'" in repro.stdout  # its plots live in the (missing) DVC cache
+    assert git(clone, "status", "--porcelain").stdout == "", git(clone, "diff", "HEAD").stdout
+
+    storage = f"sqlite:///{clone / 'optuna.db'}"
+    name, = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.metric_names == ["val_loss"]
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 3 and finished[0].user_attrs.get("origin") == "params.yaml"
+    client, runs = stores(clone)
+    roles = by_role(runs)
+    study_run, = roles["study"]
+    for trial in finished:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == study_run.info.run_id and run.info.status == "FINISHED"
+        assert run.data.tags["optuna.state"] == trial.state.name
+    for run in roles["logreg"] + roles["final"]:
+        assert run.info.status == "FINISHED" and run.data.tags["git.dirty"] == "false"
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+        assert {"test_accuracy", "best_val_loss"} <= set(run.data.metrics)
+        # evaluation added test metrics without re-opening the run: its duration is its training
+        assert run.info.end_time <= min(m.timestamp for m in client.get_metric_history(run.info.run_id,
+                                                                                        "test_accuracy"))
+    version, = client.search_model_versions("name = 'digits-cnn'")
+    assert client.get_model_version_by_alias("digits-cnn", "best").version == version.version
+    assert {"val_loss", "test_accuracy", "data.md5"} <= set(version.tags)
+
+    # forced: every model trains from scratch (full curves), and git still sees no change
+    forced = run_dvc("repro", "-f", "-s", "train@logreg", "train_final", cwd=clone)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "resuming" not in forced.stderr
+    assert git(clone, "status", "--porcelain").stdout == ""
+    client, runs = stores(clone)
+    assert len(by_role(runs)["final"]) == 2
+    for run in by_role(runs)["final"]:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+
+    # another train.epochs re-trains the models, but not the search (tune.epochs fixes its epochs)
+    experiment = run_dvc("exp", "run", "-S", "train.epochs=3", "-n", "three-epochs", cwd=clone)
+    assert experiment.returncode == 0, experiment.stdout + experiment.stderr
+    assert "Running stage 'train@logreg'" in experiment.stdout and "Running stage 'tune'" not in experiment.stdout
+    shown = json.loads(run_dvc("exp", "show", "--json", cwd=clone).stdout)
+    recorded = next(exp["revs"][0]["data"] for rev in shown for exp in (rev.get("experiments") or [])
+                    if exp.get("name") == "three-epochs")
+    assert recorded["params"]["params.yaml"]["data"]["train"]["epochs"] == 3
+    assert "accuracy" in recorded["metrics"]["reports/metrics.json"]["data"]
+
+    for command in (["exp", "show", "--drop", "models.*", "--json"], ["plots", "show", "-o", str(tmp_path / "p")]):
+        shown = run_dvc(*command, cwd=clone)
+        assert shown.returncode == 0 and "ERROR" not in shown.stderr, shown.stderr

@@ -1,0 +1,124 @@
+"""Many machines, one study: a real PostgreSQL and a real MLflow server (basic auth, served artifacts).
+
+"Machines" are separate checkouts in separate directories, each with its own TMPDIR, HOME and host name
+(PIPELINE_HOSTNAME), sharing nothing but the PostgreSQL URL (password in a pgpass file) and the MLflow
+server's URL and credentials, as separate machines would.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import copy_repo, edit_params, run_cli
+
+pytestmark = pytest.mark.slow
+
+N_TRIALS = 8
+# cheap trials: the test is about the storage, the lock and the server, on a 2-core machine running 12 processes
+SEARCH = {"comparison": ["logreg"], "model.name": "mlp", "tune.epochs": 2, "tune.warmup_epochs": 2,
+          "tune.startup_trials": 2, "tune.n_trials": N_TRIALS, "tune.heartbeat_interval": 2, "tune.grace_period": 20,
+          "tracking.log_models": False,
+          "tune.space": {"train.lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True},
+                         "model.dropout": {"low": 0.0, "high": 0.5}}}
+
+
+def machine(root: Path, name: str, services: dict, storage: str) -> tuple[Path, dict]:
+    home = root / name
+    repo = copy_repo(home / "repo")
+    for folder in ("tmp", "home"):
+        (home / folder).mkdir()
+    edit_params(repo, {**SEARCH, "tune.storage": storage})
+    env = {**services, "TMPDIR": str(home / "tmp"), "HOME": str(home / "home"), "PIPELINE_HOSTNAME": name}
+    env.pop("OPTUNA_STORAGE")
+    return repo, env
+
+
+def trials(storage: str) -> list:
+    names = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=names[0], storage=storage).trials if names else []
+
+
+def test_four_machines_two_workers_each_one_sigkill_exactly_n_trials(services, tmp_path, prepared_template):
+    storage = services["OPTUNA_STORAGE"]
+    os.environ["PGPASSFILE"] = services["PGPASSFILE"]  # this process reads the study too
+    machines = [machine(tmp_path, f"machine-{i}", services, storage) for i in range(4)]
+    for repo, _ in machines:  # the same data everywhere, as `dvc pull` from a shared remote would give
+        shutil.copytree(prepared_template, repo / "data" / "prepared")
+    logs = [(open(repo.parent / "tune.out", "w+"), open(repo.parent / "tune.err", "w+")) for repo, _ in machines]
+    started = [subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--workers", "2"], cwd=repo,
+                                env={**os.environ, **env}, stdout=out, stderr=err, text=True)
+               for (repo, env), (out, err) in zip(machines, logs)]
+    # SIGKILL the worker process of the first trial that runs: its machine's other processes see it die at once,
+    # the other machines only through its missing heartbeats
+    deadline, killed = time.monotonic() + 240, None
+    while killed is None and time.monotonic() < deadline:
+        running = [t for t in trials(storage) if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+        if running:
+            killed = running[0]
+            os.kill(int(killed.user_attrs["worker"].split(":")[1]), 9)
+        time.sleep(0.05)
+    assert killed is not None, "no trial was seen running"
+    for process in started:
+        process.wait(timeout=600)
+    outputs = []
+    for out, err in logs:
+        out.seek(0), err.seek(0)
+        outputs.append((out.read(), err.read()))
+    for process, (out, err) in zip(started, outputs):
+        assert process.returncode == 0, err
+        assert "Traceback" not in err and "OperationalError" not in err and "IntegrityError" not in err, err
+
+    study_trials = trials(storage)
+    finished = [t for t in study_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == N_TRIALS, [t.state for t in study_trials]
+    failed = [t for t in study_trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [killed.number]
+    retry, = [t for t in study_trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+    client = MlflowClient(services["MLFLOW_TRACKING_URI"])
+    os.environ.update({key: services[key] for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                 "tags.`pipeline.role` = 'study'")
+    assert len(parents) == 1
+    for trial in finished:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id and run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == len(trial.intermediate_values)
+        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    orphan = client.get_run(killed.user_attrs["mlflow_run_id"])
+    assert orphan.info.status == "KILLED" and orphan.data.tags["pipeline.end_reason"]
+
+    # the final model, registered from one machine, is served to another; no password in any output
+    first, second = machines[0], machines[1]
+    run_cli("train", "--final", "--tuned", "reports/tune/best_params.json", "--set", "train.epochs=2",
+            "--set", "tracking.log_models=true",
+            cwd=first[0], env=first[1], check=True)
+    image = tmp_path / "digit.png"
+    write_png(image)
+    shown = run_cli("predict", str(image), "--model", "models:/digits-mlp@best", cwd=second[0], env=second[1],
+                    check=True)
+    assert "top-3:" in shown.stdout
+    secrets = [services["MLFLOW_TRACKING_PASSWORD"], Path(services["PGPASSFILE"]).read_text().split(":")[-1].strip()]
+    for out, err in outputs:
+        assert not any(secret in out + err for secret in secrets)
+
+    wrong = run_cli("train", "--model", "logreg", cwd=second[0],
+                    env={**second[1], "MLFLOW_TRACKING_PASSWORD": "wrong"})
+    lines = wrong.stderr.strip().splitlines()
+    assert wrong.returncode == 2 and len(lines) == 1 and "refused the credentials (HTTP 401)" in lines[0], wrong.stderr
+
+
+def write_png(path: Path) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    Image.fromarray((load_digits().images[3] * 255 / 16).astype("uint8"), "L").save(path)
