@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV)/bin)
 # DVC stages call `python -m pipeline`: put the venv first so they find it.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-fast ui bench clean
+.PHONY: install repro test test-fast ui bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,13 @@ test-fast: install
 ui: install
 	python -m pipeline ui
 
+# every comparison, default sizes (~10 minutes on 2 cores): the table, and reports/bench/results.json
 bench: install
-	python benchmarks/tracking_overhead.py
+	python benchmarks/bench.py
+
+# small sizes (about a minute), and a check that every comparison ran: what CI runs
+bench-quick: install
+	python benchmarks/bench.py --quick --check --out $(or $(BENCH_OUT),/tmp/pipeline-bench-quick.json)
 
 clean:
 	rm -rf checkpoints dvc_plots .pytest_cache

@@ -83,7 +83,8 @@ class TrainConfig(Section):
     patience: int = Field(0, ge=0, description="early-stopping patience in epochs; 0 = off")
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
+    channels_last: Literal["auto"] | bool = Field("auto", description="channels_last memory format; auto: for "
+                                                                      "models with convolutions")
     compile: bool = False
     deterministic: bool = True
     drop_last: bool = False

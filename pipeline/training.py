@@ -27,7 +27,8 @@ def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
     model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
     train_batches, val_batches = data.training_batches(
         prepared, cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
-        drop_last=cfg.train.drop_last, channels_last=cfg.train.channels_last, shard=(world.rank, world.size))
+        drop_last=cfg.train.drop_last, channels_last=loop.uses_channels_last(cfg.train, model),
+        shard=(world.rank, world.size))
     return model, train_batches, val_batches
 
 

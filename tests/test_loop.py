@@ -10,6 +10,7 @@ from pipeline import data, loop, training
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.metrics import TIMING
+from pipeline.models import build_model
 
 CPU = torch.device("cpu")
 
@@ -129,6 +130,7 @@ def test_optimizers_are_built_as_configured(tiny_cfg, optimizer):
         assert group["momentum"] == 0.8
     if optimizer == "sgd":
         assert group["nesterov"] is True
+    assert group.get("fused") is (optimizer != "rmsprop")  # PyTorch has no fused RMSprop
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -177,10 +179,16 @@ def test_diverging_loss_raises(digits, tiny_cfg):
         loop.fit(Explodes(), train_batches, val_batches, tiny_cfg.train, CPU)
 
 
-def test_device_and_precision_resolution():
+def test_device_and_format_resolution(tiny_cfg):
     assert loop.resolve_device("cpu") == CPU
-    assert loop.autocast_dtype("auto", CPU) is None
-    assert loop.autocast_dtype("bf16", CPU) == torch.bfloat16
+    native = " avx512_bf16" in open("/proc/cpuinfo").read() or " amx_bf16" in open("/proc/cpuinfo").read()
+    assert loop.autocast_dtype("auto", CPU) == (torch.bfloat16 if native else None)
+    assert loop.autocast_dtype("auto", CPU, convolutional=False) is None  # bf16 slows linear-only models here
+    assert loop.autocast_dtype("bf16", CPU) == torch.bfloat16 and loop.autocast_dtype("fp32", CPU) is None
+    cnn, mlp = (build_model(tiny_cfg.model.model_copy(update={"name": name}), (1, 8, 8), 10) for name in ("cnn", "mlp"))
+    assert loop.uses_channels_last(tiny_cfg.train, cnn) and not loop.uses_channels_last(tiny_cfg.train, mlp)
+    off = tiny_cfg.with_overrides({"train.channels_last": False}).train
+    assert not loop.uses_channels_last(off, cnn)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

@@ -1,0 +1,517 @@
+"""The shared loop and the whole pipeline, side by side with what users would use instead.
+
+    python benchmarks/bench.py            # default sizes (MNIST/CIFAR-format data), ~10 minutes on 2 CPU cores
+    python benchmarks/bench.py --quick    # small sizes, for CI: checks that every comparison runs
+    python benchmarks/bench.py --only data,mlp
+
+Every comparison runs A and B interleaved (A B A B ...) after a warm-up, in this process where possible, with
+the same model, batch size, optimizer, samples and thread count, and reports median, min and max per side and
+the ratio B/A of the medians (reference time / ours: above 1 means ours is faster). Targets are printed beside
+the ratio and marked when missed; a reference is never tuned down. Data is generated in the official formats
+(MNIST: 1x28x28 x 60,000, 10 classes; CIFAR: 3x32x32 x 50,000), so everything runs offline. Results also go to
+reports/bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pipeline import data, loop, models, training  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+OUT = REPO / "reports" / "bench" / "results.json"
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+@dataclass
+class Row:
+    name: str
+    a: str  # ours
+    b: str  # the reference
+    unit: str  # what the numbers are (seconds per epoch, samples/s, ...)
+    a_values: list[float]
+    b_values: list[float]
+    target: float | None = None  # minimum ratio reference/ours
+    higher_is_better: bool = False  # samples/s: ratio = ours / reference
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        if not (self.a_values and self.b_values):
+            return float("nan")
+        a, b = statistics.median(self.a_values), statistics.median(self.b_values)
+        numerator, denominator = (a, b) if self.higher_is_better else (b, a)
+        return numerator / denominator if denominator else float("nan")
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.ratio >= self.target
+
+
+def interleaved(a: Callable[[], float], b: Callable[[], float], repeats: int, warmup: int = 1
+                ) -> tuple[list[float], list[float]]:
+    """Run a, b alternately `repeats` times after `warmup` rounds; each returns its own measurement."""
+    for _ in range(warmup):
+        a(), b()
+    a_values, b_values = [], []
+    for i in range(repeats):
+        if i % 2:  # alternate who goes first, so neither always inherits a warm cache
+            b_values.append(b()), a_values.append(a())
+        else:
+            a_values.append(a()), b_values.append(b())
+    return a_values, b_values
+
+
+def timed(function: Callable[[], object]) -> float:
+    tick = time.perf_counter()
+    function()
+    return time.perf_counter() - tick
+
+
+# ---------------------------------------------------------------- data in the official formats
+
+def mnist_format(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Uncompressed IDX files where torchvision's MNIST(root, download=False) looks for them."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        # class-dependent blobs, so the models have something to learn
+        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for label in range(10):
+            images[labels == label, 2 + 2 * label: 8 + 2 * label, 4:24] = 220
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            b"\x00\x00\x08\x03" + np.array([n, 28, 28], dtype=">u4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            b"\x00\x00\x08\x01" + np.array([n], dtype=">u4").tobytes() + labels.tobytes())
+    return root
+
+
+def prepared_from(images: torch.Tensor, labels: torch.Tensor, classes: int) -> data.PreparedData:
+    """Our in-memory form of the same data (train = all of it; a small val split for the loop's evaluation)."""
+    mean, std = data.channel_stats(images)
+    split = data.Split(images, labels)
+    val = data.Split(images[:512], labels[:512])
+    return data.PreparedData(split, val, val, [str(i) for i in range(classes)], mean, std, md5="bench")
+
+
+def tutorial_dataset(root: Path):
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MNIST_MEAN, MNIST_STD)])
+    return datasets.MNIST(root, train=True, download=False, transform=transform)
+
+
+def tutorial_loader(dataset, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       persistent_workers=workers > 0)
+
+
+def tutorial_epoch(model: nn.Module, loader, optimizer, loss_fn) -> None:
+    """The PyTorch tutorials' train loop: per-sample Dataset, DataLoader, loss.item() every step."""
+    model.train()
+    for inputs, labels in loader:
+        loss = loss_fn(model(inputs), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+
+
+# ---------------------------------------------------------------- comparisons
+
+def cfg_for(model: str, **train):
+    overrides = [f"model.name={model}", "train.device=cpu", "tracking.enabled=false", "train.scheduler=none"]
+    overrides += [f"train.{key}={value}" for key, value in train.items()]
+    return load_config(REPO / "params.yaml", overrides)
+
+
+def our_epoch(cfg, prepared: data.PreparedData, device: torch.device):
+    """One training epoch through the shared loop's train_one_epoch, on resident data; returns a timer."""
+    model, train_batches, _ = training.setup(cfg, prepared, device)
+    model.to(device)
+    channels_last = loop.uses_channels_last(cfg.train, model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = loop.build_optimizer(model.parameters(), cfg.train)
+    criterion = nn.CrossEntropyLoss()
+    dtype = loop.autocast_dtype(cfg.train.precision, device, loop.has_convolutions(model))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def run() -> float:
+        tick = time.perf_counter()
+        loop.train_one_epoch(model, criterion, optimizer, scaler, None, train_batches, cfg.train, dtype, device, 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - tick
+    return run
+
+
+def compare_data_path(args, root: Path, prepared: data.PreparedData) -> list[Row]:
+    dataset = tutorial_dataset(root)
+    transform = data.BatchTransform(prepared.mean, prepared.std, None)
+    ours_batches = data.TensorBatches(prepared.train, 64, transform, shuffle=True,
+                                      generator=torch.Generator().manual_seed(0))
+
+    def ours() -> float:
+        tick = time.perf_counter()
+        seen = sum(len(y) for _, y in ours_batches)
+        return seen / (time.perf_counter() - tick)
+
+    rows = []
+    for workers in (0, 2):
+        loader = tutorial_loader(dataset, 64, workers)
+
+        def reference() -> float:
+            tick = time.perf_counter()
+            seen = sum(len(y) for _, y in loader)
+            return seen / (time.perf_counter() - tick)
+
+        a, b = interleaved(ours, reference, args.repeats)
+        rows.append(Row(f"data path, num_workers={workers}", "TensorBatches (resident uint8, batch transform)",
+                        f"MNIST(ToTensor, Normalize) + DataLoader(64, shuffle, num_workers={workers})",
+                        "samples/s", a, b, target=30, higher_is_better=True))
+    return rows
+
+
+def compare_epochs(args, root: Path, mnist: data.PreparedData, subset: data.PreparedData,
+                   device: torch.device) -> list[Row]:
+    """One epoch, same model/batch/optimizer type/samples: the MLP on all 60,000 images, the CNN (an epoch takes
+    ~15 s here) on the first `len(subset)` of them; a ratio does not depend on the epoch's length."""
+    dataset = tutorial_dataset(root)
+    rows = []
+    cases = [("mlp", "mlp (the tutorials' SimpleNN)", mnist, {}, 5.0, "defaults vs defaults"),
+             ("cnn", "cnn (the tutorials' SimpleCNN)", subset, {}, 2.0, "our default format vs the tutorials' fp32"),
+             ("cnn", "cnn (the tutorials' SimpleCNN)", subset, {"precision": "fp32", "channels_last": "false"}, 1.2,
+              "same format (fp32, contiguous)")]
+    for name, label, prepared, train, target, note in cases:
+        loader = tutorial_loader(torch.utils.data.Subset(dataset, range(len(prepared.train))), 64, 0)
+        cfg = cfg_for(name, batch_size=64, optimizer="adam", lr=1e-3, **train)
+        ours = our_epoch(cfg, prepared, device)
+        torch.manual_seed(0)
+        model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=cfg.train.weight_decay)
+        loss_fn = nn.CrossEntropyLoss()
+        a, b = interleaved(ours, lambda: timed(lambda: tutorial_epoch(model, loader, optimizer, loss_fn)),
+                           args.repeats)
+        rows.append(Row(f"epoch, {label}", f"shared loop ({describe_format(cfg, device)}, fused Adam)",
+                        "tutorials' loop (fp32, Adam)", "s/epoch", a, b, target=target,
+                        note=f"{note}; {len(prepared.train):,} images per epoch"))
+    return rows
+
+
+def describe_format(cfg, device) -> str:
+    model = models.build_model(cfg.model, (1, 28, 28), 10)
+    dtype = loop.autocast_dtype(cfg.train.precision, device, loop.has_convolutions(model))
+    return (f"{str(dtype).removeprefix('torch.') if dtype else 'fp32'}"
+            f"{', channels_last' if loop.uses_channels_last(cfg.train, model) else ''}")
+
+
+def compare_lightning(args, mnist: data.PreparedData, subset: data.PreparedData, device: torch.device) -> list[Row]:
+    try:
+        import lightning as L
+    except ImportError:
+        return [Row("epoch vs Lightning (skipped)", "shared loop", "Lightning Trainer", "s/epoch", [float("nan")],
+                    [float("nan")], note="skipped: pip install -e '.[bench]' (Lightning is an optional extra)")]
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    class Module(L.LightningModule):
+        def __init__(self, net, lr):
+            super().__init__()
+            self.net, self.lr = net, lr
+
+        def training_step(self, batch, _):
+            inputs, labels = batch
+            return nn.functional.cross_entropy(self.net(inputs), labels)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+
+    rows = []
+    for name, prepared, train, precision in (
+            ("mlp", mnist, {}, "32-true"), ("cnn", subset, {"precision": "fp32", "channels_last": "false"}, "32-true"),
+            ("cnn", subset, {}, "bf16-mixed")):
+        cfg = cfg_for(name, batch_size=64, optimizer="adam", lr=1e-3, **train)
+        ours = our_epoch(cfg, prepared, device)
+        x = prepared.train.images.float().div(255).sub(prepared.mean[0]).div(prepared.std[0])
+        dataset = torch.utils.data.TensorDataset(x, prepared.train.labels)
+
+        def lightning() -> float:
+            torch.manual_seed(0)
+            net = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
+            trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, accelerator=device.type, devices=1, precision=precision)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                tick = time.perf_counter()
+                trainer.fit(Module(net, 1e-3), loader)
+                return time.perf_counter() - tick
+
+        a, b = interleaved(ours, lightning, args.repeats)
+        rows.append(Row(f"epoch vs Lightning, {name}", f"shared loop ({describe_format(cfg, device)}, fused Adam)",
+                        f"Lightning Trainer (TensorDataset + DataLoader, precision={precision}, Adam)", "s/epoch", a,
+                        b, target=1.0, note=f"{len(prepared.train):,} images per epoch"))
+    return rows
+
+
+def compare_tracking(args, prepared: data.PreparedData, device: torch.device) -> list[Row]:
+    """The same training with MLflow on and off: per-epoch cost, and the fixed cost of opening/closing a run."""
+    from pipeline import tracking
+
+    store = Path(tempfile.mkdtemp(prefix="bench-mlflow-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    epochs = 3 if args.quick else 10
+    cfg = cfg_for("mlp" if args.quick else "cnn", epochs=epochs).with_overrides({"tracking.enabled": True})
+    # the default pipeline's data (digits): short epochs make the per-epoch cost of logging as visible as it gets
+    tracking.connect(cfg.tracking)  # the schema is created once, before either side is timed
+    fixed = []
+
+    def fit(callbacks) -> float:
+        model, *batches = training.setup(cfg, prepared, device)
+        tick = time.perf_counter()
+        loop.fit(model, *batches, cfg.train, device, callbacks)
+        return (time.perf_counter() - tick) / epochs
+
+    def tracked() -> float:
+        tick = time.perf_counter()
+        run = tracking.TrackedRun(cfg, "bench", "bench", prepared.md5).__enter__()
+        opened = time.perf_counter() - tick
+        per_epoch = fit([run.metrics])
+        tick = time.perf_counter()
+        run.__exit__(None, None, None)
+        fixed.append(opened + time.perf_counter() - tick)
+        return per_epoch
+
+    a, b = interleaved(lambda: fit([]), tracked, max(5, args.repeats))
+    cost = Row("tracking, per epoch", "MLflow off", "MLflow on (batched log_batch)", "s/epoch", a, b, note=(
+        f"overhead {(statistics.median(b) / statistics.median(a) - 1) * 100:+.1f}% per epoch (target <= 3%)"))
+    cost.target = 1 / 1.03  # reference (tracked) may be at most 3% slower than ours (untracked)
+    return [cost, Row("tracking, per run", "open run + params + tags, close run", "-", "s/run", fixed, [],
+                      note="fixed cost, once per run")]
+
+
+def compare_pruning(args, prepared: data.PreparedData, device: torch.device) -> list[Row]:
+    """The default search with and without pruning: epochs trained, wall time, best validation score."""
+    from pipeline import tuning
+
+    results = {}
+    for pruner in ("median", "none"):
+        journal = Path(tempfile.mkdtemp(prefix="bench-tune-")) / "s.journal"
+        cfg = load_config(REPO / "params.yaml", [
+            f"tune.pruner={pruner}", f"tune.storage={journal}", "tracking.enabled=false", "train.device=cpu",
+            *(["tune.n_trials=6", "tune.epochs=4", "tune.startup_trials=2", "tune.warmup_epochs=1"]
+              if args.quick else [])])
+        prepared_dir = journal.parent / "prepared"
+        data.save_prepared(prepared_dir, {"train": prepared.train, "val": prepared.val, "test": prepared.test},
+                           prepared.classes, "bench")
+        tick = time.perf_counter()
+        cwd = os.getcwd()
+        os.chdir(journal.parent)  # the search writes reports/tune/ where it runs
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                record = tuning.tune(cfg, prepared_dir, worker_args=[])
+                study = tuning.open_search(cfg, prepared_dir).study
+        finally:
+            os.chdir(cwd)
+        seconds = time.perf_counter() - tick
+        epochs = sum(len(t.intermediate_values) for t in study.trials)
+        results[pruner] = (seconds, epochs, record["value"])
+    (pruned_s, pruned_epochs, pruned_best), (full_s, full_epochs, full_best) = results["median"], results["none"]
+    row = Row("search, pruning", "median pruner", "no pruning", "s/search", [pruned_s], [full_s],
+              note=f"epochs {pruned_epochs} vs {full_epochs} ({pruned_epochs / full_epochs:.0%}, target <= 50%); "
+                   f"best val_loss {pruned_best:.4f} vs {full_best:.4f}",
+              extra={"epochs": [pruned_epochs, full_epochs], "best": [pruned_best, full_best]})
+    return [row]
+
+
+def compare_pipeline(args) -> list[Row]:
+    """`dvc repro` from scratch in a throwaway copy of this repo, each stage timed, and the no-op `dvc repro`."""
+    work = Path(tempfile.mkdtemp(prefix="bench-repro-"))
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import copy_repo, edit_params
+
+    repo = copy_repo(work / "repo")
+    if args.quick:  # every stage still runs, on tiny settings and without MLflow
+        edit_params(repo, {"train.epochs": 2, "tune.n_trials": 2, "tune.epochs": 2, "comparison": ["logreg"],
+                           "model.name": "logreg", "tracking.enabled": False})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    tick = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    scratch = time.perf_counter() - tick
+    if done.returncode:
+        raise RuntimeError(done.stdout + done.stderr)
+    noop = [timed(lambda: subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env,
+                                         capture_output=True, check=True)) for _ in range(args.repeats)]
+    imports = {module: timed(lambda m=module: subprocess.run([sys.executable, "-c", f"import {m}"], cwd=repo,
+                                                             check=True))
+               for module in ("pipeline.cli", "torch", "mlflow", "pipeline.tracking", "pipeline.tuning")}
+    return [Row("pipeline, dvc repro from scratch", "default params" if not args.quick else "tiny params", "target",
+                "s", [scratch], [60.0], target=1.0, note="target <= 60 s on an idle 2-core machine",
+                extra={"imports_s": imports}),
+            Row("pipeline, no-op dvc repro", "up to date", "target", "s", noop, [1.5], target=1.0,
+                note="target <= 1.5 s")]
+
+
+def compare_gpu(args, device: torch.device) -> list[Row]:
+    """CUDA only: formats (fp32, bf16, channels_last, torch.compile) for the CNN and a CIFAR-format ResNet-18;
+    images/s and the share of the GPU's dense bf16 peak, against fp32 as the reference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = 5_000 if args.quick else 50_000
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    cifar = prepared_from(images, torch.randint(0, 10, (n,), generator=generator), 10)
+    peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense bf16 FLOP/s (vendor figures)
+    peak = next((value for key, value in peaks.items() if key in torch.cuda.get_device_name()), None)
+    rows = []
+    for name in ("cnn", "resnet18"):
+        cfg32 = cfg_for(name, batch_size=512, optimizer="adam", lr=1e-3, precision="fp32", channels_last="false",
+                        device="cuda")
+        reference = our_epoch(cfg32, cifar, device)
+        model = models.build_model(cfg32.model, (3, 32, 32), 10).to(device)
+        batch = torch.randn(512, 3, 32, 32, device=device)
+        with FlopCounterMode(display=False) as counter:
+            model(batch).sum().backward()
+        flops_per_image = counter.get_total_flops() / 512
+        for label, train in (("bf16", {"precision": "bf16", "channels_last": "false"}),
+                             ("bf16 + channels_last", {"precision": "bf16", "channels_last": "true"}),
+                             ("bf16 + channels_last + compile", {"precision": "bf16", "channels_last": "true",
+                                                                 "compile": "true"})):
+            cfg = cfg_for(name, batch_size=512, optimizer="adam", lr=1e-3, device="cuda", **train)
+            a, b = interleaved(our_epoch(cfg, cifar, device), reference, args.repeats)
+            rate = n / statistics.median(a)
+            share = f", {rate * flops_per_image / peak:.1%} of the bf16 peak" if peak else ""
+            rows.append(Row(f"gpu, {name}, {label}", f"shared loop ({label})", "shared loop (fp32)", "s/epoch", a, b,
+                            note=f"{rate:,.0f} images/s{share}; {n:,} CIFAR-format images, batch 512"))
+    rows.append(Row("gpu, airbench reference", "-", "airbench94 on one A100: 94% CIFAR-10 in 3.83 s (~10 epochs)",
+                    "s", [float("nan")], [3.83], note="compare the ResNet-18 rows' s/epoch with ~0.38 s/epoch"))
+    return rows
+
+
+# ---------------------------------------------------------------- output
+
+def table(rows: list[Row]) -> str:
+    lines = [f"{'comparison':<34} {'ours (median [min, max])':>28} {'reference':>28} {'ratio':>7} {'target':>7}"]
+    for row in rows:
+        def cell(values):
+            if not values:
+                return "-"
+            return f"{statistics.median(values):.4g} [{min(values):.3g}, {max(values):.3g}]"
+
+        ratio = row.ratio
+        target = "" if row.target is None else f">={row.target:.2f}" + ("" if row.met else " MISSED")
+        lines.append(f"{row.name:<34} {cell(row.a_values):>28} {cell(row.b_values):>28} {ratio:>7.2f} {target:>7}"
+                     + (f"  ({row.unit})" if row.unit else ""))
+        if row.note:
+            lines.append(f"{'':<34} {row.note}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI (checks everything runs)")
+    parser.add_argument("--repeats", type=int, default=None, help="measured repetitions per side")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", default="data,mlp,lightning,tracking,search,pipeline")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless every comparison ran and wrote its numbers (CI; never checks timings)")
+    args = parser.parse_args()
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    n_train = 4_000 if args.quick else 60_000
+    root = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    mnist_format(root, n_train, 1_000)
+    dataset = tutorial_dataset(root)
+    images = dataset.data.unsqueeze(1).contiguous()
+    mnist = prepared_from(images, dataset.targets, 10)
+    subset = mnist if args.quick else prepared_from(images[:20_000], dataset.targets[:20_000], 10)
+    wanted = set(args.only.split(","))
+    rows: list[Row] = []
+    sections = [("data", lambda: compare_data_path(args, root, mnist)),
+                ("mlp", lambda: compare_epochs(args, root, mnist, subset, device)),
+                ("lightning", lambda: compare_lightning(args, mnist, subset, device)),
+                ("tracking", lambda: compare_tracking(args, digits(), device)),
+                ("search", lambda: compare_pruning(args, digits(), device)),
+                ("pipeline", lambda: compare_pipeline(args))]
+    if torch.cuda.is_available():  # the GPU set, on top of the CPU comparisons
+        sections.append(("gpu", lambda: compare_gpu(args, torch.device("cuda"))))
+        wanted.add("gpu")
+    for name, section in sections:
+        if name in wanted:
+            tick = time.perf_counter()
+            rows += section()
+            print(f"[bench] {name}: {time.perf_counter() - tick:.0f}s", file=sys.stderr, flush=True)
+    header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"{args.threads} thread(s), device {device}, {'quick' if args.quick else 'default'} sizes")
+    print(header)
+    print(table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": header, "device": str(device), "threads": args.threads, "torch": torch.__version__,
+        "quick": args.quick,
+        "comparisons": [{**asdict(row), "ratio": row.ratio, "met": row.met,
+                         "median_a": statistics.median(row.a_values) if row.a_values else None,
+                         "median_b": statistics.median(row.b_values) if row.b_values else None}
+                        for row in rows]}, indent=2, default=str) + "\n")
+    return check(args.out) if args.check else 0
+
+
+EXPECTED = ("data path, num_workers=0", "data path, num_workers=2", "epoch, mlp", "epoch, cnn", "epoch vs Lightning",
+            "tracking, per epoch", "tracking, per run", "search, pruning", "pipeline, dvc repro from scratch",
+            "pipeline, no-op dvc repro")
+
+
+def check(path: Path) -> int:
+    """Every comparison is in the JSON with its numbers and the machine facts (values are not judged)."""
+    results = json.loads(path.read_text())
+    missing = [name for name in EXPECTED if not any(c["name"].startswith(name) for c in results["comparisons"])]
+    empty = [c["name"] for c in results["comparisons"]
+             if not c["a_values"] or ("skipped" not in c["note"] and c["median_a"] is None)]
+    facts = [key for key in ("machine", "device", "threads", "torch") if not results.get(key)]
+    if missing or empty or facts:
+        print(f"bench: incomplete {path}: missing {missing}, without numbers {empty}, without {facts}",
+              file=sys.stderr)
+        return 1
+    print(f"bench: {path} holds all {len(results['comparisons'])} comparisons")
+    return 0
+
+
+def digits() -> data.PreparedData:
+    from pipeline import datasets
+
+    cfg = load_config(REPO / "params.yaml")
+    raw = datasets.load_digits()
+    splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.seed)
+    mean, std = data.channel_stats(splits["train"].images)
+    return data.PreparedData(**splits, classes=raw.classes, mean=mean, std=std, md5="bench-digits")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
