@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +41,8 @@ class AugmentConfig(Section):
 
 class DataConfig(Section):
     name: DatasetName = "digits"
-    path: str | None = Field(None, description="image folder (one sub-folder per class) for data.name=folder")
+    path: str | None = Field(None, description="folder: the image folder (one sub-folder per class); mnist, "
+                                               "fashion_mnist, cifar10: a local copy of the official files")
     mirror: str | None = Field(None, description="base URL (http(s):// or file://) replacing torchvision's mirrors")
     retries: int = Field(3, ge=0, le=10, description="download retries per file on transient errors")
     image_size: int = Field(32, ge=4, le=1024, description="folder images are resized to this square size")
@@ -48,9 +50,21 @@ class DataConfig(Section):
     skip_bad_images: bool = Field(False, description="skip unreadable folder images (counted) instead of failing")
     follow_symlinks: bool = Field(False, description="folder: follow symlinks that lead outside data.path "
                                                      "(refused by default; followed files are tracked too)")
+    checksums: dict[str, str] = Field({}, description="file name -> MD5 accepted besides the official one "
+                                                      "(private copies of mnist/fashion_mnist/cifar10 files)")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for datasets without an official test split")
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("checksums")
+    @classmethod
+    def _md5s(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, md5 in value.items():
+            if not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise ValueError(f"{name!r}: keys are bare file names, e.g. train-images-idx3-ubyte")
+            if re.fullmatch(r"[0-9a-f]{32}", md5.lower()) is None:
+                raise ValueError(f"{name}: {md5!r} is not an MD5 (32 hex digits)")
+        return {name: md5.lower() for name, md5 in value.items()}
 
     @model_validator(mode="after")
     def _folder_needs_path(self) -> DataConfig:

@@ -16,7 +16,7 @@ from pipeline.config import Config, search_keys, training_keys
 from pipeline.errors import UserError
 from pipeline.paths import FINAL, RunPaths
 
-_DATA = ["data.name", "data.path", "data.follow_symlinks"]
+_DATA = ["data.name", "data.path", "data.follow_symlinks", "data.checksums"]
 PARAMS: dict[str, list[str]] = {
     "download": _DATA,
     "prepare": ["seed", *_DATA, "data.image_size", "data.channels", "data.skip_bad_images", "data.val_fraction",
@@ -45,8 +45,9 @@ def download(cfg: Config) -> None:
 
     out = paths.raw_dir(cfg.data.name)
     if cfg.data.name in datasets.TORCHVISION_DATASETS:
-        fetched = datasets.download(cfg.data.name, out, cfg.data.mirror, cfg.data.retries)
-        print(f"downloaded and verified {cfg.data.name}: {', '.join(path.name for path in fetched)} -> {out}")
+        local = Path(cfg.data.path) if cfg.data.path else None
+        fetched = datasets.download(cfg.data.name, out, cfg.data.mirror, cfg.data.retries, cfg.data.checksums, local)
+        print(f"verified {cfg.data.name}: {', '.join(path.name for path in fetched)} in {out}")
         return
     if cfg.data.name == "folder":
         # DVC sees a folder outside the repo only through this manifest: re-run `download` after changing it.

@@ -173,14 +173,15 @@ def test_torchvision_mirrors_are_tried_in_order(mirror, fake_mnist, monkeypatch,
         assert mirror.requests[name] == 1
 
 
-def test_wrong_bytes_are_deleted_and_reported(mirror, fake_mnist, monkeypatch, tmp_path):
+def test_wrong_bytes_are_never_kept_and_the_error_says_what_to_do(mirror, fake_mnist, monkeypatch, tmp_path):
     publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
     name = MNIST_FILES[0]
     mirror.files[name] = b"<html>a captive portal</html>"
 
     with pytest.raises(UserError) as error:
         datasets.download("mnist", tmp_path, mirror=mirror.url)
-    assert_one_line_error(error, name, fake_mnist.md5(name), md5(mirror.files[name]), f"{mirror.url}/{name}")
+    assert_one_line_error(error, name, fake_mnist.md5(name), md5(mirror.files[name]), f"{mirror.url}/{name}",
+                          "place the uncompressed file in", f"data.checksums.{name}")
     assert files_under(tmp_path) == []  # neither the final name nor a temporary file a later run could take
 
     mirror.files[name] = fake_mnist.files[name]
@@ -251,16 +252,21 @@ def test_not_found_is_not_retried(mirror, fake_mnist, monkeypatch, tmp_path):
     assert files_under(tmp_path) == []
 
 
-def test_verified_files_are_not_fetched_again_and_bad_ones_are(mirror, fake_mnist, monkeypatch, tmp_path):
+def test_verified_files_are_not_fetched_again_and_bad_ones_are_set_aside(mirror, fake_mnist, monkeypatch, tmp_path,
+                                                                        capsys):
     publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
     datasets.download("mnist", tmp_path, mirror=mirror.url)
     datasets.download("mnist", tmp_path, mirror=mirror.url)
     assert all(mirror.requests[name] == 1 for name in MNIST_FILES)
+    assert {path.stat().st_mode & 0o777 for path in tmp_path.iterdir()} == {0o644}  # readable by a shared cache
 
-    (tmp_path / MNIST_FILES[2]).write_bytes(b"partial")
+    bad = tmp_path / MNIST_FILES[2]
+    bad.write_bytes(b"partial")
     datasets.download("mnist", tmp_path, mirror=mirror.url)
     assert [mirror.requests[name] for name in MNIST_FILES] == [1, 1, 2, 1]
-    assert (tmp_path / MNIST_FILES[2]).read_bytes() == fake_mnist.files[MNIST_FILES[2]]
+    assert bad.read_bytes() == fake_mnist.files[MNIST_FILES[2]]
+    aside = tmp_path / f"{bad.name}.rejected-{md5(b'partial')[:8]}"  # the user's file, kept and named
+    assert aside.read_bytes() == b"partial" and f"moved aside to {aside}" in capsys.readouterr().err
 
 
 def test_load_raw_refuses_files_that_are_not_the_official_ones(mirror, fake_mnist, monkeypatch, tmp_path):
@@ -523,3 +529,94 @@ def test_cli_download_of_wrong_bytes_is_one_line_and_leaves_nothing_usable(tmp_p
 def test_folder_dataset_needs_a_path():
     with pytest.raises(UserError, match="data.path is required when data.name is folder"):
         stage_config(name="folder")
+
+
+# ---------------------------------------------------------------- local copies
+
+def plain_mnist(fake: FakeDataset) -> dict[str, bytes]:
+    """The uncompressed form of each IDX file, as many mirrors and colleagues hand them out."""
+    import gzip
+
+    return {name.removesuffix(".gz"): gzip.decompress(blob) for name, blob in fake.files.items()}
+
+
+@pytest.fixture
+def offline_mnist(monkeypatch, mirror, fake_mnist):
+    """MNIST with the fake files' MD5s as the official ones (both forms); any network access is counted."""
+    publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
+    mirror.files.clear()
+    monkeypatch.setattr(MNIST, "mirrors", [f"{mirror.url}/"])
+    plain = plain_mnist(fake_mnist)
+    monkeypatch.setitem(datasets.UNCOMPRESSED_MD5, "mnist", {name: md5(blob) for name, blob in plain.items()})
+    return plain
+
+
+@pytest.mark.parametrize("layout", ["ours", "torchvision beside", "data.path flat", "data.path torchvision"])
+def test_uncompressed_local_copies_are_used_without_any_network_access(layout, offline_mnist, fake_mnist, mirror,
+                                                                        tmp_path):
+    root = tmp_path / "data" / "raw" / "mnist"
+    local = tmp_path / "elsewhere" if layout.startswith("data.path") else None
+    folder = {"ours": root, "torchvision beside": tmp_path / "data" / "raw" / "MNIST" / "raw",
+              "data.path flat": local, "data.path torchvision": local and local / "MNIST" / "raw"}[layout]
+    folder.mkdir(parents=True)
+    for index, (name, blob) in enumerate(offline_mnist.items()):
+        if index == 0 and layout != "ours":  # compressed and uncompressed files mixed
+            (folder / f"{name}.gz").write_bytes(fake_mnist.files[f"{name}.gz"])
+        else:
+            (folder / name).write_bytes(blob)
+    before = {path: path.read_bytes() for path in folder.iterdir()}
+
+    datasets.download("mnist", root, local=local)
+    raw = datasets.load_raw("mnist", root)
+
+    assert sum(mirror.requests.values()) == 0
+    assert torch.equal(raw.train_images, fake_mnist.train_images) and torch.equal(raw.test_labels, fake_mnist.test_labels)
+    assert {path: path.read_bytes() for path in folder.iterdir()} == before  # the user's copy is untouched
+
+
+def test_a_bad_local_copy_is_named_with_what_to_do_and_left_alone(offline_mnist, mirror, tmp_path):
+    local = tmp_path / "copy"
+    local.mkdir()
+    for name, blob in offline_mnist.items():
+        (local / name).write_bytes(blob)
+    bad = local / "train-labels-idx1-ubyte"
+    bad.write_bytes(b"not the labels")
+
+    with pytest.raises(UserError) as error:
+        datasets.download("mnist", tmp_path / "raw", local=local)
+    assert_one_line_error(error, str(bad), md5(b"not the labels"), "data.checksums.train-labels-idx1-ubyte=")
+    assert bad.read_bytes() == b"not the labels" and sum(mirror.requests.values()) == 0
+
+
+def test_private_copies_need_the_users_checksums(offline_mnist, fake_mnist, monkeypatch, mirror, tmp_path):
+    # Fashion-MNIST publishes no MD5s of its uncompressed files: they are accepted with the user's own only.
+    monkeypatch.setattr(FashionMNIST, "resources", MNIST.resources)
+    monkeypatch.setattr(FashionMNIST, "mirrors", MNIST.mirrors)
+    local = tmp_path / "copy"
+    local.mkdir()
+    for name, blob in offline_mnist.items():
+        (local / name).write_bytes(blob)
+
+    with pytest.raises(UserError) as error:
+        datasets.download("fashion_mnist", tmp_path / "raw", local=local)
+    assert_one_line_error(error, "no published MD5", "data.checksums.")
+
+    checksums = {name: md5(blob) for name, blob in offline_mnist.items()}
+    datasets.download("fashion_mnist", tmp_path / "raw", checksums=checksums, local=local)
+    raw = datasets.load_raw("fashion_mnist", tmp_path / "raw", checksums)
+    assert torch.equal(raw.train_images, fake_mnist.train_images) and sum(mirror.requests.values()) == 0
+    with pytest.raises(UserError, match="MD5 mismatch"):  # prepare verifies against the same accepted MD5s
+        datasets.load_raw("fashion_mnist", tmp_path / "raw")
+
+
+def test_an_extracted_cifar_copy_needs_no_archive(mirror, fake_cifar, monkeypatch, tmp_path):
+    publish_cifar(monkeypatch, mirror, fake_cifar)
+    mirror.files.clear()
+    local = tmp_path / "copy" / CIFAR10.base_folder
+    local.mkdir(parents=True)
+    for name, blob in fake_cifar.members.items():
+        (local / name).write_bytes(blob)
+
+    datasets.download("cifar10", tmp_path / "raw", mirror=mirror.url, local=tmp_path / "copy")
+    assert torch.equal(datasets.load_raw("cifar10", tmp_path / "raw").train_images, fake_cifar.train_images)
+    assert sum(mirror.requests.values()) == 0

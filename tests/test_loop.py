@@ -130,7 +130,7 @@ def test_optimizers_are_built_as_configured(tiny_cfg, optimizer):
         assert group["momentum"] == 0.8
     if optimizer == "sgd":
         assert group["nesterov"] is True
-    assert group.get("fused") is (optimizer != "rmsprop")  # PyTorch has no fused RMSprop
+    assert bool(group.get("fused")) is (optimizer != "rmsprop")  # PyTorch has no fused RMSprop
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))

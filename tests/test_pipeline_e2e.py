@@ -75,3 +75,28 @@ def test_folder_dataset_through_dvc_exp_run(repo_copy, tmp_path):
     assert len(manifest["files"]) == 300  # what DVC tracks of a folder outside the repo
     accuracy = json.loads((repo_copy / "reports/train/logreg/metrics.json").read_text())["val_accuracy"]
     assert accuracy > 0.6, f"validation accuracy {accuracy} is not well above chance (0.1)"
+
+
+def test_mnist_copy_in_torchvision_layout_is_used_by_dvc_repro_without_network(repo_copy):
+    """The user's uncompressed MNIST files in torchvision's layout (here a private copy: its MD5s in
+    data.checksums); the mirror is a closed port, so any download attempt would fail the stage."""
+    import gzip
+
+    from archives import md5, mnist_files
+
+    fake = mnist_files(n_train=200, n_test=50)
+    folder = repo_copy / "data" / "raw" / "MNIST" / "raw"
+    folder.mkdir(parents=True)
+    checksums = {}
+    for name, blob in fake.files.items():
+        plain = gzip.decompress(blob)
+        (folder / name.removesuffix(".gz")).write_bytes(plain)
+        checksums[name.removesuffix(".gz")] = md5(plain)
+    edit_params(repo_copy, {**UNTRACKED, "data.name": "mnist", "data.checksums": checksums,
+                            "data.mirror": "http://127.0.0.1:9/"})
+
+    result = run_dvc("repro", "prepare", cwd=repo_copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "using local copy" in result.stderr and "downloading" not in result.stderr
+    meta = json.loads((repo_copy / "data" / "prepared" / "meta.json").read_text())
+    assert meta["sizes"]["test"] == 50 and sum(meta["sizes"].values()) == 250
