@@ -20,7 +20,7 @@ repro: install
 
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass. Two workers (pytest-xdist), each
 # taking whole modules (--dist loadscope), so a module's shared fixture is built once.
-PYTEST = rc=0; pytest -n 2 --dist loadscope --durations=15 $(1) || rc=$$?; \
+PYTEST = rc=0; pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=15 $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # everything, end-to-end runs of the real DVC pipeline included

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
         stages.prepare(cfg)
     elif args.command == "train":
         if args.model:
-            cfg = cfg.with_overrides({"model.name": args.model}, source="--model")
+            cfg = cfg.for_model(args.model)
         if args.tuned:
             cfg = stages.tuned(cfg, Path(args.tuned))
         stages.train(cfg, FINAL if args.final else cfg.model.name)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -22,7 +22,8 @@ from pipeline.errors import UserError, redact, shorten
 from pipeline.metrics import DIRECTIONS, Monitor
 
 DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
-ModelName = Literal["logreg", "mlp", "cnn", "digit_recognizer", "resnet18"]
+ModelName = Literal["logreg", "mlp", "cnn", "digit_recognizer", "resnet18", "mobilenet_v3_small"]
+PretrainedName = Literal["resnet18", "mobilenet_v3_small"]  # the models torchvision publishes weights for
 
 
 class Section(BaseModel):
@@ -78,6 +79,29 @@ class ModelConfig(Section):
     dropout: float = Field(0.2, ge=0, lt=1)
     hidden_sizes: list[PositiveInt] = Field([128, 64], min_length=1, description="mlp layer widths")
     channels: list[PositiveInt] = Field([32, 64], min_length=1, description="cnn conv widths, one pooled block each")
+    weights: str | None = Field(None, description="torchvision weights to fine-tune from (resnet18, "
+                                                  "mobilenet_v3_small), e.g. IMAGENET1K_V1 or ResNet18_Weights.DEFAULT")
+    weights_file: str | None = Field(None, description="weights: a local .pth file or a mirror URL instead of "
+                                                       "torchvision's download (air-gapped machines)")
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{8,64}$",
+                                       description="weights: expected SHA-256 (or prefix); default the published one")
+    freeze_backbone: bool = Field(False, description="weights: train the new head only (see unfreeze_after)")
+    unfreeze_after: int = Field(0, ge=0, description="freeze_backbone: fine-tune everything after this many "
+                                                     "epochs; 0 = the backbone stays frozen")
+
+    @model_validator(mode="after")
+    def _weights_settings(self) -> ModelConfig:
+        if self.weights is not None and self.name not in get_args(PretrainedName):
+            raise ValueError(f"model.weights: {self.name} has no published weights; use "
+                             f"{' or '.join(get_args(PretrainedName))}")
+        pretrained_only = {"weights_file": self.weights_file, "weights_sha256": self.weights_sha256,
+                           "freeze_backbone": self.freeze_backbone, "unfreeze_after": self.unfreeze_after}
+        for key, value in pretrained_only.items():
+            if value and self.weights is None:
+                raise ValueError(f"model.{key} needs model.weights (a pretrained model)")
+        if self.unfreeze_after and not self.freeze_backbone:
+            raise ValueError("model.unfreeze_after needs model.freeze_backbone=true")
+        return self
 
 
 class TrainConfig(Section):
@@ -91,6 +115,8 @@ class TrainConfig(Section):
     scheduler: Literal["none", "step", "plateau", "cosine", "onecycle"] = "cosine"
     step_size: int = Field(10, ge=1, description="epochs between decays (scheduler=step)")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (step, plateau)")
+    backbone_lr: float | None = Field(None, gt=0, description="learning rate of a pretrained backbone (default "
+                                                             "train.lr; fine-tuning often uses lr/10)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 = off")
     monitor: Monitor = "val_loss"
@@ -196,6 +222,22 @@ class Config(Section):
         if repeated:
             raise ValueError(f"lists {', '.join(repeated)} more than once (each model is trained once)")
         return names
+
+    @model_validator(mode="after")
+    def _backbone_lr_needs_a_backbone(self) -> Config:
+        if self.train.backbone_lr is not None and self.model.weights is None:
+            raise ValueError("train.backbone_lr needs model.weights (a pretrained backbone)")
+        return self
+
+    def for_model(self, name: str, source: str = "--model") -> Config:
+        """This config for another model of the comparison: pretrained settings apply only to models that have
+        published weights (the others train from scratch, and their params say so)."""
+        overrides: dict[str, Any] = {"model.name": name}
+        if name not in get_args(PretrainedName):
+            overrides.update({f"model.{key}": ModelConfig.model_fields[key].default for key in
+                              ("weights", "weights_file", "weights_sha256", "freeze_backbone", "unfreeze_after")})
+            overrides["train.backbone_lr"] = None
+        return self.with_overrides(overrides, source=source)
 
     @model_validator(mode="after")
     def _searchable_space(self) -> Config:

@@ -1,15 +1,24 @@
-"""Model zoo, from the tutorials' logistic regression to a torchvision ResNet.
+"""Model zoo, from the tutorials' logistic regression to torchvision's ResNet-18 and MobileNetV3.
 
 Every builder adapts to the data: input shape (C, H, W) and number of classes.
+Building never touches the network or the disk: a torchvision model with
+`model.weights` is built as a `Pretrained` (its standard ImageNet stem, its own
+preprocessing, a new head for the data's classes), and `start_from_weights`
+loads the verified weights into it when training starts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline import files
 from pipeline.config import Config, ModelConfig, training_keys
@@ -65,13 +74,80 @@ def digit_recognizer(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
     )
 
 
+class Pretrained(nn.Module):
+    """A pretrained torchvision backbone with a new head, fed as its weights expect.
+
+    Takes pixels scaled to [0, 1] (see `input_stats`) at the data's size, and
+    applies the weights' own preprocessing on the device: resize to their crop
+    size, grey replicated to RGB, their normalisation. With `freeze_backbone`
+    the backbone's parameters get no gradients for the first `unfreeze_after`
+    epochs (0: for good) and its BatchNorm layers keep their pretrained
+    statistics meanwhile (eval mode), as fine-tuning guides advise. The loop
+    calls `set_epoch` before each epoch, as PyTorch's samplers have it.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, size: int, mean: list[float], std: list[float],
+                 freeze_backbone: bool = False, unfreeze_after: int = 0):
+        super().__init__()
+        self.backbone, self.head, self.size = backbone, head, size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.freeze_backbone, self.unfreeze_after = freeze_backbone, unfreeze_after
+        self.frozen = False
+        self.weights_sha256: str | None = None  # of the file training started from (lineage)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.frozen = self.freeze_backbone and (self.unfreeze_after == 0 or epoch <= self.unfreeze_after)
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(not self.frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Pretrained:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.head(self.backbone((x - self.mean) / self.std))
+
+
+def _pretrained(cfg: ModelConfig, classes: int, backbone: nn.Module, features: int) -> Pretrained:
+    preprocess = resolve_weights(cfg.name, cfg.weights).transforms()
+    return Pretrained(backbone, nn.Linear(features, classes), preprocess.crop_size[0], list(preprocess.mean),
+                      list(preprocess.std), cfg.freeze_backbone, cfg.unfreeze_after)
+
+
 def resnet18(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
-    """torchvision's ResNet-18 for small images: 3x3 stride-1 stem and no max-pool (CIFAR-style)."""
+    """torchvision's ResNet-18. From scratch: for small images, a 3x3 stride-1 stem and no max-pool (CIFAR-style).
+    With `model.weights`: the ImageNet stem as trained and a new head."""
     from torchvision.models import resnet18 as tv_resnet18
 
+    if cfg.weights:
+        backbone = tv_resnet18(weights=None)
+        features, backbone.fc = backbone.fc.in_features, nn.Identity()
+        return _pretrained(cfg, classes, backbone, features)
     model = tv_resnet18(weights=None, num_classes=classes)
     model.conv1 = nn.Conv2d(shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
+    return model
+
+
+def mobilenet_v3_small(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
+    """torchvision's MobileNetV3-Small (2.5M parameters): a backbone cheap enough to fine-tune on a CPU."""
+    from torchvision.models import mobilenet_v3_small as tv_mobilenet
+
+    if cfg.weights:
+        backbone = tv_mobilenet(weights=None, dropout=cfg.dropout)
+        features, backbone.classifier[-1] = backbone.classifier[-1].in_features, nn.Identity()
+        return _pretrained(cfg, classes, backbone, features)
+    model = tv_mobilenet(weights=None, num_classes=classes, dropout=cfg.dropout)
+    if shape[0] != 3:
+        model.features[0][0] = nn.Conv2d(shape[0], 16, kernel_size=3, stride=2, padding=1, bias=False)
     return model
 
 
@@ -82,7 +158,96 @@ BUILDERS: dict[str, Callable[[ModelConfig, Shape, int], nn.Module]] = {
     "cnn": cnn,
     "digit_recognizer": digit_recognizer,
     "resnet18": resnet18,
+    "mobilenet_v3_small": mobilenet_v3_small,
 }
+PRETRAINED = ("resnet18", "mobilenet_v3_small")  # torchvision builders with published weights
+
+
+# ---------------------------------------------------------------- pretrained weights
+
+def resolve_weights(model_name: str, name: str):
+    """torchvision's weights enum member for `name` ("IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1", "DEFAULT")."""
+    from torchvision.models import get_model_weights
+
+    if model_name not in PRETRAINED:
+        raise UserError(f"model.weights: {model_name} has no published weights; use one of {', '.join(PRETRAINED)}")
+    enum = get_model_weights(model_name)
+    prefix, _, member = name.rpartition(".")
+    try:
+        if prefix and prefix != enum.__name__:
+            raise KeyError(name)
+        return enum[member]
+    except KeyError:
+        choices = ", ".join(f"{enum.__name__}.{weights.name}" for weights in enum)
+        raise UserError(f"model.weights {name!r} is not a weight of {model_name}; choose {choices}") from None
+
+
+def published_sha256(url: str) -> str:
+    """The SHA-256 prefix torchvision publishes in each weights file's name (resnet18-f37072fd.pth)."""
+    match = re.search(r"-([0-9a-f]{8,64})\.pth$", url)
+    if match is None:
+        raise UserError(f"no published hash in {url}: set model.weights_sha256")
+    return match.group(1)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_path(cfg: ModelConfig) -> tuple[Path, str]:
+    """(verified local file, its SHA-256) of `cfg.weights`: a local `weights_file`, or a download (torchvision's
+    URL, or `weights_file` as a mirror URL) into torch's hub cache, checked against the published hash or
+    `weights_sha256`. Nothing unverified is cached; a user's own file is never touched."""
+    weights = resolve_weights(cfg.name, cfg.weights)
+    expected = cfg.weights_sha256 or published_sha256(weights.url)
+    source = cfg.weights_file or weights.url
+    if urlsplit(source).scheme in ("http", "https", "file"):
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(source).path).name
+        if not (path.is_file() and sha256_of(path).startswith(expected)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # to a temporary file, hash-checked, then renamed: a wrong or cut-off download leaves nothing
+                torch.hub.download_url_to_file(source, str(path), hash_prefix=expected, progress=False)
+            except RuntimeError as err:
+                raise UserError(f"model.weights from {source}: {first_line(err)}; nothing was cached") from None
+            except OSError as err:
+                raise UserError(f"cannot download model.weights from {source}: {first_line(err)}; on a machine "
+                                "without internet set model.weights_file to a local copy or mirror URL") from None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"model.weights_file {path} not found; point it at the downloaded .pth file")
+    actual = sha256_of(path)
+    if not actual.startswith(expected):
+        raise UserError(f"model.weights_file {path} has SHA-256 {actual}, expected {expected}...: not the "
+                        f"published {weights.name} file (set model.weights_sha256 if it is your own)")
+    return path, actual
+
+
+def start_from_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Load the verified pretrained weights into a `Pretrained` model's backbone (its new head stays as built)."""
+    if not isinstance(model, Pretrained):
+        return
+    path, sha256 = weights_path(cfg)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        head_keys = {"fc.weight", "fc.bias", "classifier.3.weight", "classifier.3.bias"}  # replaced heads
+        model.backbone.load_state_dict({k: v for k, v in state.items() if k not in head_keys})
+    except Exception as err:  # noqa: BLE001 - a truncated, foreign or mismatched file is the same user problem
+        raise UserError(f"cannot load model.weights from {path}: {first_line(err)}") from None
+    model.weights_sha256 = sha256
+    print(f"{cfg.name}: starting from {cfg.weights} ({path}, sha256 {sha256[:12]})", file=sys.stderr)
+
+
+def input_stats(cfg: ModelConfig, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """The normalisation the data path applies before the model: the data's own statistics, or none for a
+    `Pretrained` model (pixels in [0, 1]), which normalises as its weights expect."""
+    if cfg.weights:
+        return [0.0] * len(mean), [1.0] * len(std)
+    return mean, std
 
 
 def build_model(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:

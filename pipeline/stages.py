@@ -111,7 +111,8 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
             result = loop.fit(model, train_batches, val_batches, cfg.train, device, callbacks, checkpoints, world)
             summary = _write_training_outputs(cfg, run_name, run_paths, result, model, prepared)
             if run:
-                _log_training(cfg, run, run_name, run_paths, summary, result, prepared, world)
+                _log_training(cfg, run, run_name, run_paths, summary, result, prepared, world,
+                              getattr(model, "weights_sha256", None))
         checkpoints.clear()  # the outputs exist: this run is finished and must not be resumed
     finally:
         distributed.shutdown(world)
@@ -125,8 +126,9 @@ def _write_training_outputs(cfg, run_name, run_paths, result, model, prepared) -
     """The model file, history.csv, metrics.json and curves.png of a finished run; returns the summary."""
     from pipeline import files, metrics, models, reporting, training
 
+    mean, std = models.input_stats(cfg.model, prepared.mean, prepared.std)
     models.save_model(run_paths.model, result.best_state, cfg, prepared.classes, prepared.input_shape,
-                      prepared.mean, prepared.std, run_name=run_name, best_epoch=result.best_epoch,
+                      mean, std, run_name=run_name, best_epoch=result.best_epoch,
                       data_md5=prepared.md5)
     summary = training.summary(cfg, result, model)
     files.write_csv(run_paths.history, metrics.HISTORY_COLUMNS, map(metrics.history_row, result.history))
@@ -135,7 +137,7 @@ def _write_training_outputs(cfg, run_name, run_paths, result, model, prepared) -
     return summary
 
 
-def _log_training(cfg, run, run_name, run_paths, summary, result, prepared, world) -> None:
+def _log_training(cfg, run, run_name, run_paths, summary, result, prepared, world, weights_sha256) -> None:
     """What MLflow gets beyond the per-epoch curves: the best epoch's values, facts as tags, files, the model."""
     import torch
 
@@ -146,7 +148,9 @@ def _log_training(cfg, run, run_name, run_paths, summary, result, prepared, worl
     run.set_tags({"best_epoch": result.best_epoch, "epochs_run": summary["epochs_run"],
                   "stopped_early": result.stopped_early, "model.parameters": summary["parameters"],
                   "train_seconds": f"{result.seconds:.1f}", "tracking_seconds": f"{run.metrics.seconds_spent:.2f}",
-                  "distributed.world_size": world.size})
+                  "distributed.world_size": world.size,
+                  # which pretrained file training started from (model.weights names it; this is its content)
+                  **({"model.weights_sha256": weights_sha256} if weights_sha256 else {})})
     run.log_config()
     run.log_artifacts(run_paths.history, run_paths.curves, run_paths.metrics)
     if cfg.tracking.log_models:

@@ -9,6 +9,7 @@ when it is off. The loop itself stays ignorant of all of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from functools import cache
 from pathlib import Path
@@ -17,16 +18,22 @@ import torch
 
 from pipeline import data, distributed, loop, models
 from pipeline.config import Config
+from pipeline.errors import UserError
 
 
 def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
           world: distributed.World = distributed.World()):
     """Seeded model and (train, val) batches on `device`: the same start for `train`, every trial and every rank
     (which takes its own slice of each training batch)."""
+    if world.distributed and cfg.model.unfreeze_after:
+        raise UserError("model.unfreeze_after with several processes: DistributedDataParallel cannot start "
+                        "training parameters it did not train before; unfreeze in one process or fine-tune all")
     loop.seed_everything(cfg.seed, cfg.train.deterministic)
     model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
+    models.start_from_weights(model, cfg.model)
+    mean, std = models.input_stats(cfg.model, prepared.mean, prepared.std)
     train_batches, val_batches = data.training_batches(
-        prepared, cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
+        dataclasses.replace(prepared, mean=mean, std=std), cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
         drop_last=cfg.train.drop_last, channels_last=loop.uses_channels_last(cfg.train, model),
         shard=(world.rank, world.size))
     return model, train_batches, val_batches

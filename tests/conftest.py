@@ -29,7 +29,16 @@ REPO_FILES = ["pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/con
               ".gitignore"]
 
 
+# The longest modules first: `make test` runs `-n 2 --dist loadscope --no-loadscope-reorder`, which hands out whole
+# modules in collection order; a long module handed out last would leave the other worker idle for most of it
+# (xdist's default order, most tests first, puts these one-test modules last).
+LONGEST_FIRST = ["test_fresh_clone", "test_machines", "test_tuning_workers", "test_tracking", "test_resume",
+                 "test_pipeline_e2e", "test_distributed", "test_tuning"]
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.module.__name__)
+               if item.module.__name__ in LONGEST_FIRST else len(LONGEST_FIRST))  # stable: file order otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
