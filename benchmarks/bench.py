@@ -111,8 +111,8 @@ def mnist_format(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
 
 def prepared_from(images: torch.Tensor, labels: torch.Tensor, classes: int) -> data.PreparedData:
     """Our in-memory form of the same data (train = all of it; a small val split for the loop's evaluation)."""
-    mean, std = data.channel_stats(images)
     split = data.Split(images, labels)
+    mean, std = data.channel_stats(split)
     val = data.Split(images[:512], labels[:512])
     return data.PreparedData(split, val, val, [str(i) for i in range(classes)], mean, std, md5="bench")
 
@@ -150,7 +150,7 @@ def cfg_for(model: str, **train):
 
 def our_epoch(cfg, prepared: data.PreparedData, device: torch.device):
     """One training epoch through the shared loop's train_one_epoch, on resident data; returns a timer."""
-    model, train_batches, _ = training.setup(cfg, prepared, device)
+    model, train_batches, _ = training.setup(cfg, prepared, device)  # streamed splits: a DataLoader's workers
     model.to(device)
     channels_last = loop.uses_channels_last(cfg.train, model)
     if channels_last:
@@ -219,6 +219,64 @@ def compare_epochs(args, root: Path, mnist: data.PreparedData, subset: data.Prep
         rows.append(Row(f"epoch, {label}", f"shared loop ({describe_format(cfg, device)}, fused Adam)",
                         "tutorials' loop (fp32, Adam)", "s/epoch", a, b, target=target,
                         note=f"{note}; {len(prepared.train):,} images per epoch"))
+    return rows
+
+
+def jpeg_folder(root: Path, n: int, size: int = 64, seed: int = 0) -> Path:
+    """`n` photo-like JPEGs (smooth colour fields plus noise, size x size, quality 90) in 10 class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size)
+    for i in range(n):
+        colour = rng.uniform(0, 255, (1, 1, 3))
+        field = np.outer(ramp, rng.uniform(0.3, 1, size))[..., None] * colour + rng.normal(0, 12, (size, size, 3))
+        folder = root / f"class_{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(field.clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def compare_folder(args, device: torch.device) -> list[Row]:
+    """A folder of JPEGs: decoding by `prepare` (worker processes vs one process), and one CNN epoch on the
+    decoded images streamed from a memory-mapped file (DataLoader workers) vs resident in memory."""
+    from pipeline import datasets
+
+    n = 600 if args.quick else 20_000
+    folder = jpeg_folder(Path(tempfile.mkdtemp(prefix="bench-folder-")), n)
+
+    def decode(parallel_from: int) -> Callable[[], float]:
+        def run() -> float:
+            saved = datasets.PARALLEL_FROM
+            datasets.PARALLEL_FROM = parallel_from  # 1: always worker processes; 10**9: never
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    seconds = timed(lambda: datasets.load_folder(folder, 3, 32, skip_bad_images=False))
+            finally:
+                datasets.PARALLEL_FROM = saved
+            return n / seconds
+        return run
+
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    a, b = interleaved(decode(1), decode(10 ** 9), args.repeats, warmup=0)
+    rows = [Row("prepare, decode a JPEG folder", f"{workers} worker processes", "one process", "images/s", a, b,
+                higher_is_better=True, note=f"{n:,} JPEGs 64x64 -> 32x32 RGB")]
+
+    raw = datasets.load_folder(folder, 3, 32, skip_bad_images=False)
+    images_path = folder.parent / f"{folder.name}.u8"
+    images_path.write_bytes(raw.train_images.numpy().tobytes())
+    streamed_images = data.map_images(images_path, len(raw.train_images), [3, 32, 32])
+    everything = torch.arange(len(raw.train_labels))
+    resident = data.Split(raw.train_images, raw.train_labels)
+    streamed = data.Split(streamed_images, raw.train_labels, everything)
+    stats = data.channel_stats(resident)
+    cfg = cfg_for("cnn", batch_size=64, optimizer="adam", lr=1e-3)
+    epochs = [our_epoch(cfg, data.PreparedData(split, split, split, raw.classes, *stats, md5="bench"), device)
+              for split in (streamed, resident)]
+    a, b = interleaved(*epochs, args.repeats)
+    rows.append(Row("epoch, streamed vs resident", f"streamed (memory-mapped, {cfg.data.loader_workers} "
+                    "DataLoader workers)", "resident tensor", "s/epoch", a, b,
+                    note=f"cnn, {describe_format(cfg, device)}; {n:,} images per epoch; page cache warm"))
     return rows
 
 
@@ -437,7 +495,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI (checks everything runs)")
     parser.add_argument("--repeats", type=int, default=None, help="measured repetitions per side")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--only", default="data,mlp,lightning,tracking,search,pipeline")
+    parser.add_argument("--only", default="data,mlp,lightning,folder,tracking,search,pipeline")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless every comparison ran and wrote its numbers (CI; never checks timings)")
@@ -457,6 +515,7 @@ def main() -> int:
     sections = [("data", lambda: compare_data_path(args, root, mnist)),
                 ("mlp", lambda: compare_epochs(args, root, mnist, subset, device)),
                 ("lightning", lambda: compare_lightning(args, mnist, subset, device)),
+                ("folder", lambda: compare_folder(args, device)),
                 ("tracking", lambda: compare_tracking(args, digits(), device)),
                 ("search", lambda: compare_pruning(args, digits(), device)),
                 ("pipeline", lambda: compare_pipeline(args))]
@@ -484,6 +543,7 @@ def main() -> int:
 
 
 EXPECTED = ("data path, num_workers=0", "data path, num_workers=2", "epoch, mlp", "epoch, cnn", "epoch vs Lightning",
+            "prepare, decode a JPEG folder", "epoch, streamed vs resident",
             "tracking, per epoch", "tracking, per run", "search, pruning", "pipeline, dvc repro from scratch",
             "pipeline, no-op dvc repro")
 
@@ -509,7 +569,7 @@ def digits() -> data.PreparedData:
     cfg = load_config(REPO / "params.yaml")
     raw = datasets.load_digits()
     splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.seed)
-    mean, std = data.channel_stats(splits["train"].images)
+    mean, std = data.channel_stats(splits["train"])
     return data.PreparedData(**splits, classes=raw.classes, mean=mean, std=std, md5="bench-digits")
 
 

@@ -53,6 +53,10 @@ class DataConfig(Section):
                                                      "(refused by default; followed files are tracked too)")
     checksums: dict[str, str] = Field({}, description="file name -> MD5 accepted besides the official one "
                                                       "(private copies of mnist/fashion_mnist/cifar10 files)")
+    memory_limit_mb: float = Field(2048, ge=0, description="prepared data up to this size stays resident on the "
+                                                           "training device; larger data is streamed from disk")
+    loader_workers: int = Field(2, ge=0, le=64, description="streamed data: DataLoader worker processes reading "
+                                                            "batches ahead of the device")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for datasets without an official test split")
     augment: AugmentConfig = AugmentConfig()

@@ -1,10 +1,14 @@
-"""Datasets as compact in-memory tensors, batched by index.
+"""Datasets as compact uint8 tensors, batched by index.
 
-Every dataset that fits in memory is decoded once (by `prepare`) into uint8
-images [N, C, H, W] plus int64 labels. Training then slices batches out of one
-tensor that lives on the training device (airbench-style): no per-sample
-`__getitem__`, no collate, no worker processes, and augmentation runs on whole
-batches where the data is.
+Every dataset is decoded once (by `prepare`) into uint8 images [N, C, H, W]
+plus int64 labels. What fits in `data.memory_limit_mb` is *resident*: training
+slices batches out of one tensor that lives on the training device
+(airbench-style): no per-sample `__getitem__`, no collate, no worker processes.
+What does not is *streamed*: the images stay in one file on disk, memory-mapped
+(workers and the OS page cache share it), and a DataLoader's workers gather
+each batch while the device trains on the previous one. Both paths draw the
+same order and the same augmentation from the same generator, and augment
+whole batches on the device, so a seed gives the same run either way.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import dataclasses
 import hashlib
 import io
 import math
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +30,34 @@ from pipeline.config import AugmentConfig, DataConfig
 from pipeline.errors import UserError, first_line
 
 SPLITS = ("train", "val", "test")
+IMAGES_FILE = "images.u8"  # a streamed dataset's images: raw uint8 [N, C, H, W], C order, no header
 
 
 @dataclass(frozen=True)
 class Split:
-    images: torch.Tensor  # uint8 [N, C, H, W]
-    labels: torch.Tensor  # int64 [N]
+    images: torch.Tensor  # uint8 [N, C, H, W]; streamed: all of the dataset's images, memory-mapped
+    labels: torch.Tensor  # int64 [len(split)]
+    index: torch.Tensor | None = None  # streamed: which rows of `images` are this split's, in order
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def streamed(self) -> bool:
+        return self.index is not None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def take(self, positions: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at `positions` of this split (read from disk when streamed)."""
+        return self.images[self.index[positions.cpu()]] if self.streamed else self.images[positions]
+
     def to(self, device: torch.device) -> Split:
+        """On `device`; a streamed split stays on disk (its batches travel)."""
+        if self.streamed:
+            return self
         return Split(self.images.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
 
 
@@ -54,7 +78,7 @@ class PreparedData:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])
+        return self.train.image_shape
 
     @property
     def num_classes(self) -> int:
@@ -86,31 +110,76 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int, key: str,
 
 
 def split_dataset(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cfg: DataConfig, seed: int,
-                  test: Split | None = None) -> dict[str, Split]:
-    """Seeded, stratified train/val(/test) split; an official test split is kept as given."""
+                  test: Split | None = None, val: Split | None = None, streamed: bool = False) -> dict[str, Split]:
+    """Seeded, stratified train/val(/test) split; a given (official or folder) test or val split is kept as given.
+
+    `streamed`: `images` is the memory-mapped file of every image (given splits' rows included, by `index`), and
+    the splits are views into it; otherwise each split's images are gathered into its own tensor.
+    """
+    def part(index: torch.Tensor) -> Split:
+        return Split(images, labels[index], index) if streamed else Split(images[index], labels[index])
+
+    rest = torch.arange(len(labels))
     if test is None:
-        rest, test_idx = stratified_split(labels, cfg.test_fraction, seed, "data.test_fraction", classes)
-        test = Split(images[test_idx], labels[test_idx])
-        images, labels = images[rest], labels[rest]
-    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed, "data.val_fraction", classes)
-    return {"train": Split(images[train_idx], labels[train_idx]),
-            "val": Split(images[val_idx], labels[val_idx]),
-            "test": test}
+        rest, test_index = stratified_split(labels, cfg.test_fraction, seed, "data.test_fraction", classes)
+        test = part(test_index)
+    if val is None:
+        keep, val_index = stratified_split(labels[rest], cfg.val_fraction, seed, "data.val_fraction", classes)
+        return {"train": part(rest[keep]), "val": part(rest[val_index]), "test": test}
+    return {"train": part(rest), "val": val, "test": test}
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    scaled = images.float().div_(255)
-    return scaled.mean(dim=(0, 2, 3)).tolist(), scaled.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+def splits_of(raw, cfg: DataConfig, seed: int, images_path: Path | None = None) -> dict[str, Split]:
+    """A decoded dataset's (datasets.RawDataset) train/val/test splits: resident tensors, or with `images_path`
+    views of that file, which holds the train rows, then the given val and test rows."""
+    given = {name: getattr(raw, f"{name}_labels") for name in SPLITS if getattr(raw, f"{name}_labels") is not None}
+    if images_path is None:
+        images = raw.train_images
+        kept = {name: Split(getattr(raw, f"{name}_images"), given[name]) for name in ("val", "test") if name in given}
+    else:
+        shape = list(raw.train_images.shape[1:]) if raw.train_images is not None else \
+            [cfg.channels, cfg.image_size, cfg.image_size]
+        images = map_images(images_path, sum(map(len, given.values())), shape)
+        rows = dict(zip(given, torch.arange(len(images)).split([len(labels) for labels in given.values()])))
+        kept = {name: Split(images, given[name], rows[name]) for name in ("val", "test") if name in given}
+    return split_dataset(images, raw.train_labels, raw.classes, cfg, seed, streamed=images_path is not None, **kept)
 
 
-def save_prepared(out_dir: Path, splits: dict[str, Split], classes: list[str], source: str) -> dict:
-    """Write tensors.pt (all splits) and meta.json; returns the meta."""
-    mean, std = channel_stats(splits["train"].images)
-    tensors = {f"{name}_{part}": getattr(split, part) for name, split in splits.items() for part in ("images", "labels")}
+STATS_CHUNK = 4096  # images per step: statistics of a streamed split never hold it in memory
+
+
+def channel_stats(split: Split) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the split's images scaled to [0, 1] (float64 sums over chunks)."""
+    total = torch.zeros(split.image_shape[0], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(split), STATS_CHUNK):
+        chunk = split.take(torch.arange(start, min(start + STATS_CHUNK, len(split)))).double().div_(255)
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += chunk.square().sum(dim=(0, 2, 3))
+    count = len(split) * split.image_shape[1] * split.image_shape[2]
+    mean = total / count
+    std = ((squares - count * mean.square()) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.tolist(), std.tolist()
+
+
+def save_prepared(out_dir: Path, splits: dict[str, Split], classes: list[str], source: str,
+                  images_path: Path | None = None) -> dict:
+    """Write tensors.pt (all splits; streamed: their rows and labels, the images being in images.u8, written by
+    the caller to `images_path`) and meta.json; returns the meta."""
+    mean, std = channel_stats(splits["train"])
+    streamed = splits["train"].streamed
+    parts = ("index", "labels") if streamed else ("images", "labels")
+    tensors = {f"{name}_{part}": getattr(split, part) for name, split in splits.items() for part in parts}
     files.save_torch(tensors, out_dir / "tensors.pt")
     meta = {"source": source, "classes": classes, "mean": mean, "std": std,
-            "shape": list(splits["train"].images.shape[1:]),
-            "sizes": {name: len(split) for name, split in splits.items()}}
+            "shape": list(splits["train"].image_shape),
+            "sizes": {name: len(split) for name, split in splits.items()},
+            "storage": "streamed" if streamed else "resident"}
+    if streamed:
+        meta["images"] = {"file": IMAGES_FILE, "count": len(splits["train"].images),
+                          "md5": files.file_digest(images_path or out_dir / IMAGES_FILE)}
+    else:
+        (out_dir / IMAGES_FILE).unlink(missing_ok=True)  # a streamed run's images, no longer part of the data
     files.write_json(out_dir / "meta.json", meta)
     return meta
 
@@ -127,14 +196,32 @@ def load_prepared(data_dir: Path) -> PreparedData:
     blob = files.read_bytes(tensors_path)  # read once: hashed and loaded from the same bytes
     try:
         tensors = torch.load(io.BytesIO(blob), weights_only=True)
-        splits = {name: Split(tensors[f"{name}_images"], tensors[f"{name}_labels"]) for name in SPLITS}
+        if meta.get("storage") == "streamed":
+            images = map_images(data_dir / meta["images"]["file"], meta["images"]["count"], meta["shape"])
+            splits = {name: Split(images, tensors[f"{name}_labels"], tensors[f"{name}_index"]) for name in SPLITS}
+            # hashing a dataset larger than memory at every start would cost minutes: prepare hashed it once
+            md5 = hashlib.md5(blob + meta["images"]["md5"].encode()).hexdigest()
+        else:
+            splits = {name: Split(tensors[f"{name}_images"], tensors[f"{name}_labels"]) for name in SPLITS}
+            md5 = hashlib.md5(blob).hexdigest()
         prepared = PreparedData(**splits, classes=list(meta["classes"]), mean=list(meta["mean"]),
-                                std=list(meta["std"]), md5=hashlib.md5(blob).hexdigest())
+                                std=list(meta["std"]), md5=md5)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - truncated/foreign bytes, or a meta.json of another shape
         raise UserError(f"{data_dir} is corrupt ({first_line(err)}); {REPREPARE}") from None
     if not (len(prepared.mean) == len(prepared.std) == prepared.input_shape[0] and prepared.num_classes >= 2):
         raise UserError(f"{meta_path} does not match {tensors_path}; {REPREPARE}")
     return prepared
+
+
+def map_images(path: Path, count: int, shape: list[int]) -> torch.Tensor:
+    """The images file as a read-only, memory-mapped uint8 tensor [count, *shape] (pages load on first use)."""
+    size = count * math.prod(shape)
+    if not path.is_file() or path.stat().st_size != size:
+        found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+        raise UserError(f"{path} should hold {size} bytes ({count} images), found {found}; {REPREPARE}")
+    return torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8).view(count, *shape)
 
 
 # ---------------------------------------------------------------- batches
@@ -239,13 +326,14 @@ class TensorBatches:
     def __iter__(self):
         n = len(self.split)
         device = self.split.labels.device
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=self.generator, device=self.generator.device) if self.shuffle \
+            else torch.arange(n)
         order = order.to(device, non_blocking=True)
         rank, ranks = self.shard
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             # the whole batch is augmented on every rank, so each draws what a single process would draw
-            inputs, labels = self.transform(self.split.images[index]), self.split.labels[index]
+            inputs, labels = self.transform(self.split.take(index)), self.split.labels[index]
             if ranks > 1:
                 inputs, labels = inputs.tensor_split(ranks)[rank], labels.tensor_split(ranks)[rank]
             yield inputs, labels
@@ -262,21 +350,87 @@ class TensorBatches:
         return len(self) * self.batch_size if self.drop_last else len(self.split)
 
 
-def training_batches(data: PreparedData, batch_size: int, augment: AugmentConfig, seed: int, device: torch.device,
-                     drop_last: bool = False, channels_last: bool = False, shard: tuple[int, int] = (0, 1)
-                     ) -> tuple[TensorBatches, TensorBatches]:
-    """Shuffled, augmented train batches and plain val batches, both resident on `device`.
+class StreamBatches(TensorBatches):
+    """TensorBatches of a streamed split: a DataLoader's workers read each batch's images from the memory-mapped
+    file (into pinned memory on CUDA) while the device trains; the batch is then copied without blocking and
+    transformed on the device. Order and augmentation come from the same generator as TensorBatches', so a
+    seed gives the same batches either way."""
 
-    One seeded generator on the data's device drives both shuffling and
-    augmentation, so a run is reproducible and its RNG fits in a checkpoint.
+    def __init__(self, split: Split, batch_size: int, transform: BatchTransform, device: torch.device,
+                 workers: int, **options):
+        super().__init__(split, batch_size, transform, **options)
+        self.device, self.orders = device, _Orders()
+        self.loader = torch.utils.data.DataLoader(
+            _Rows(split), sampler=self.orders, batch_size=None, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
+            # its own generator for the workers' seeds: drawing them from the global RNG each epoch would shift
+            # the dropout masks away from the resident path's
+            generator=torch.Generator().manual_seed(0))
+
+    def __iter__(self):
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator, device=self.generator.device) if self.shuffle \
+            else torch.arange(n)
+        order = order.cpu()
+        self.orders.chunks = [order[start:start + self.batch_size]
+                              for start in range(0, len(self) * self.batch_size, self.batch_size)]
+        rank, ranks = self.shard
+        for images, labels in self.loader:
+            inputs = self.transform(images.to(self.device, non_blocking=True))
+            labels = labels.to(self.device, non_blocking=True)
+            if ranks > 1:
+                inputs, labels = inputs.tensor_split(ranks)[rank], labels.tensor_split(ranks)[rank]
+            yield inputs, labels
+
+
+class _Orders(torch.utils.data.Sampler):
+    """The current epoch's batches of row positions (set by StreamBatches before each epoch)."""
+
+    def __init__(self):
+        self.chunks: list[torch.Tensor] = []
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A batch of positions -> (uint8 images, labels): one read per batch, not one `__getitem__` per image."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __getitem__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.take(positions), self.split.labels[positions]
+
+
+def batches(split: Split, batch_size: int, transform: BatchTransform, device: torch.device, workers: int = 0,
+            **options) -> TensorBatches:
+    """Batches of a split on `device`: resident (sliced where the data lives) or streamed (read from disk)."""
+    if split.streamed:
+        return StreamBatches(split, batch_size, transform, device, workers, **options)
+    return TensorBatches(split.to(device), batch_size, transform, **options)
+
+
+def training_batches(data: PreparedData, batch_size: int, augment: AugmentConfig, seed: int, device: torch.device,
+                     drop_last: bool = False, channels_last: bool = False, shard: tuple[int, int] = (0, 1),
+                     workers: int = 0) -> tuple[TensorBatches, TensorBatches]:
+    """Shuffled, augmented train batches and plain val batches on `device` (`workers`: streamed data's readers).
+
+    One seeded generator on the device drives both shuffling and augmentation,
+    so a run is reproducible and its RNG fits in a checkpoint.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     train_transform = BatchTransform(data.mean, data.std, augment, generator, channels_last)
-    train = TensorBatches(data.train.to(device), batch_size, train_transform, shuffle=True,
-                          drop_last=drop_last, generator=generator, shard=shard)
-    return train, eval_batches(data.val, data.mean, data.std, device, channels_last)
+    train = batches(data.train, batch_size, train_transform, device, workers, shuffle=True, drop_last=drop_last,
+                    generator=generator, shard=shard)
+    return train, eval_batches(data.val, data.mean, data.std, device, channels_last, workers)
 
 
 def eval_batches(split: Split, mean: list[float], std: list[float], device: torch.device,
-                 channels_last: bool = False) -> TensorBatches:
-    return TensorBatches(split.to(device), EVAL_BATCH_SIZE, BatchTransform(mean, std, None, channels_last=channels_last))
+                 channels_last: bool = False, workers: int = 0) -> TensorBatches:
+    return batches(split, EVAL_BATCH_SIZE, BatchTransform(mean, std, None, channels_last=channels_last), device,
+                   workers)

@@ -17,9 +17,13 @@ never deleted.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import gzip
 import hashlib
 import http.client
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -34,6 +38,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -42,7 +47,6 @@ from PIL import Image, ImageOps
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.datasets.utils import USER_AGENT, calculate_md5
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from pipeline import files
 from pipeline.config import DataConfig
@@ -68,24 +72,35 @@ UNCOMPRESSED_MD5 = {
 
 @dataclass(frozen=True)
 class RawDataset:
-    train_images: torch.Tensor  # uint8 [N, C, H, W]
+    train_images: torch.Tensor | None  # uint8 [N, C, H, W]; None: decoded straight into a file (streamed)
     train_labels: torch.Tensor  # int64 [N]
-    test_images: torch.Tensor | None  # None: no official test split
+    test_images: torch.Tensor | None  # None: no official test split (or streamed: see test_labels)
     test_labels: torch.Tensor | None
     classes: list[str]
     source: str = ""  # where it came from, for meta.json
+    val_images: torch.Tensor | None = None  # a folder that comes with its own val split
+    val_labels: torch.Tensor | None = None
 
 
-def load(cfg: DataConfig, root: Path) -> RawDataset:
+def load(cfg: DataConfig, root: Path, out: BinaryIO | None = None) -> RawDataset:
     """Any supported dataset decoded to uint8 tensors: the one entry point `prepare` uses.
 
-    `root` is where `download` put a torchvision dataset's raw files.
+    `root` is where `download` put a torchvision dataset's raw files. With `out`,
+    a folder's images are written there as they are decoded (train, val, test
+    rows in that order) instead of being held in memory, and come back as None.
     """
     if cfg.name == "digits":
         return load_digits()
     if cfg.name == "folder":
-        return load_folder(Path(cfg.path), cfg.channels, cfg.image_size, cfg.skip_bad_images, cfg.follow_symlinks)
+        return load_folder(Path(cfg.path), cfg.channels, cfg.image_size, cfg.skip_bad_images, cfg.follow_symlinks,
+                           out)
     return load_raw(cfg.name, root, cfg.checksums)
+
+
+def folder_bytes(cfg: DataConfig) -> int:
+    """What a folder's images take decoded (before decoding them): files x channels x image_size**2."""
+    _, parts = scan_folder(Path(cfg.path), cfg.follow_symlinks)
+    return sum(len(files) for part in parts.values() for files in part.values()) * cfg.channels * cfg.image_size ** 2
 
 
 def load_digits() -> RawDataset:
@@ -478,33 +493,60 @@ def load_cifar10(folder: Path, checksums: dict[str, str]) -> RawDataset:
 
 # ---------------------------------------------------------------- image folders
 
-def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: bool,
-                follow_symlinks: bool = False) -> RawDataset:
-    """ImageFolder-style dir (one sub-folder per class) decoded to tensors; test_* are None (no official test split).
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
-    Classes are the sub-folders sorted by name, as in torchvision's
+
+def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: bool,
+                follow_symlinks: bool = False, out: BinaryIO | None = None) -> RawDataset:
+    """ImageFolder-style dir decoded to tensors (or into `out`, see `load`).
+
+    Classes are the class sub-folders sorted by name, as in torchvision's
     ImageFolder; files without an image extension (.txt, .DS_Store) are ignored.
+    A folder that comes split (train/, val/, test/ sub-folders, each with the
+    class folders, as ImageNet-style sets and the tutorials' ants/bees have it)
+    keeps its splits; the others are carved from train by `prepare`.
     """
     image_mode(channels)
-    classes, files = scan_folder(path, follow_symlinks)
-    paths = [file for name in classes for file in files[name]]
-    labels = [label for label, name in enumerate(classes) for _ in files[name]]
-    decoded = decode_images(paths, channels, image_size, skip_bad_images)
-    kept = [(image, label) for image, label in zip(decoded, labels) if image is not None]
-    skipped = [file for file, image in zip(paths, decoded) if image is None]
+    classes, parts = scan_folder(path, follow_symlinks)
+    order = [part for part in ("train", "val", "test") if part in parts]
+    paths = [file for part in order for name in classes for file in parts[part].get(name, [])]
+    labels = [label for part in order for label, name in enumerate(classes) for _ in parts[part].get(name, [])]
+    which = [part for part in order for name in classes for _ in parts[part].get(name, [])]
+    images, kept = decode_images(paths, channels, image_size, skip_bad_images, out)
+    skipped = [file for file, ok in zip(paths, kept) if not ok]
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s) in {path} (first: {skipped[0]})", file=sys.stderr)
-        emptied = sorted(set(range(len(classes))) - {label for _, label in kept})
-        if emptied:
-            raise UserError(f"class folder {path / classes[emptied[0]]} holds no readable images")
-    images, kept_labels = zip(*kept)
-    return RawDataset(torch.stack(images), torch.tensor(kept_labels), None, None, classes,
-                      source=str(path.resolve()))
+    found = {part: torch.tensor([label for label, ok, p in zip(labels, kept, which) if ok and p == part],
+                                dtype=torch.int64) for part in order}
+    emptied = sorted(set(range(len(classes))) - set(found["train"].tolist()))
+    if emptied:
+        raise UserError(f"class folder {split_folders(path)['train'] / classes[emptied[0]]} holds no readable images")
+    counts = [len(found[part]) for part in order]
+    pieces = dict(zip(order, images.split(counts))) if images is not None else {}
+    return RawDataset(pieces.get("train"), found["train"], pieces.get("test"), found.get("test"), classes,
+                      source=str(path.resolve()), val_images=pieces.get("val"), val_labels=found.get("val"))
 
 
-def scan_folder(root: Path, follow_symlinks: bool = False) -> tuple[list[str], dict[str, list[Path]]]:
-    """(classes, image files per class) of an image folder: what `prepare` decodes and `download` tracks.
+def split_folders(root: Path) -> dict[str, Path]:
+    """{"train": root} for a plain class folder; {"train": root/train, "val": root/valid, ...} for a split one."""
+    top = [entry.name for entry in sorted(root.iterdir()) if entry.is_dir()]
+    if not ("train" in top and all(name in SPLIT_FOLDERS for name in top)):
+        return {"train": root}
+    named: dict[str, Path] = {}
+    for name in top:
+        if SPLIT_FOLDERS[name] in named:
+            raise UserError(f"{root} has two {SPLIT_FOLDERS[name]} folders ({named[SPLIT_FOLDERS[name]].name}/ and "
+                            f"{name}/); keep one")
+        named[SPLIT_FOLDERS[name]] = root / name
+    return named
 
+
+def scan_folder(root: Path, follow_symlinks: bool = False
+                ) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
+    """(classes, {split: {class: image files}}) of an image folder: what `prepare` decodes and `download` tracks.
+
+    A plain class folder is all "train"; one with train/ (and val/, test/)
+    sub-folders keeps those splits, whose classes must be train's.
     A symlink whose target lies outside `root` is refused unless
     `follow_symlinks` is set: data reached that way would change without DVC
     (or the manifest) knowing, or expose files the user never meant to share.
@@ -518,25 +560,35 @@ def scan_folder(root: Path, follow_symlinks: bool = False) -> tuple[list[str], d
             raise UserError(f"{entry} is a symlink to {entry.resolve()}, outside {root}: copy the files in, or set "
                             "data.follow_symlinks=true to follow such links (their content is then tracked too)")
 
-    entries = sorted(root.iterdir())
-    for entry in entries:
-        check(entry)
-    classes = [entry.name for entry in entries if entry.is_dir()]
+    def class_folders(folder: Path) -> dict[str, list[Path]]:
+        check(folder)
+        entries = sorted(folder.iterdir())
+        for entry in entries:
+            check(entry)
+        return {entry.name: image_files(entry, check) for entry in entries if entry.is_dir()}
+
+    named = split_folders(root)
+    parts = {part: class_folders(folder) for part, folder in named.items()}
+    classes = sorted(parts["train"])
     if len(classes) < 2:
-        raise UserError(f"{root} needs at least 2 class sub-folders, found {len(classes)}")
-    files = {name: image_files(root / name, check) for name in classes}
-    for name, paths in files.items():
-        if not paths:
-            raise UserError(f"class folder {root / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
-    return classes, files
+        raise UserError(f"{named['train']} needs at least 2 class sub-folders, found {len(classes)}")
+    for part, folders in parts.items():
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise UserError(f"{named[part] / unknown[0]} is a class that {named['train']} does not have; "
+                            "every split needs the training split's classes")
+        for name, paths in folders.items():
+            if not paths:
+                raise UserError(f"class folder {named[part] / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    return classes, parts
 
 
 def folder_manifest(folder: Path, follow_symlinks: bool = False) -> dict:
     """Every image of an image folder with its size and MD5: what DVC tracks for a folder outside the repo."""
-    classes, files = scan_folder(folder, follow_symlinks)
+    _, parts = scan_folder(folder, follow_symlinks)
     return {"source": str(folder.resolve()),
             "files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "md5": calculate_md5(str(p))}
-                      for name in classes for p in files[name]}}
+                      for part in parts.values() for paths in part.values() for p in paths}}
 
 
 def image_files(folder: Path, check=lambda entry: None) -> list[Path]:
@@ -558,22 +610,58 @@ def image_files(folder: Path, check=lambda entry: None) -> list[Path]:
     return sorted(found)
 
 
-def decode_images(paths: list[Path], channels: int, image_size: int,
-                  skip_bad_images: bool) -> list[torch.Tensor | None]:
-    """Decoded images in order; None for an unreadable one when skipping.
+PARALLEL_FROM = 512  # images: below this, starting worker processes costs more than it saves
+PROGRESS_S = 5.0
 
-    One thread: Pillow 13 keeps the GIL while decoding JPEG/PNG, so a thread
-    pool measured no faster.
+
+def decode_images(paths: list[Path], channels: int, image_size: int, skip_bad_images: bool,
+                  out: BinaryIO | None = None) -> tuple[torch.Tensor | None, list[bool]]:
+    """(the readable images stacked, or None when written to `out` one by one; which paths were readable).
+
+    Worker processes decode large folders (Pillow keeps the GIL while decoding,
+    so threads measured no faster), in order; progress goes to stderr.
     """
-    decoded = []
-    for path in paths:
-        try:
-            decoded.append(load_image(path, channels, image_size))
-        except UserError:
-            if not skip_bad_images:
-                raise
-            decoded.append(None)
-    return decoded
+    decode = functools.partial(_decode_or_reason, channels=channels, image_size=image_size)
+    kept, stacked, started, shown = [], [], time.perf_counter(), time.perf_counter()
+    with _pool(len(paths)) as pool:
+        results = pool(decode, paths)
+        for done, (path, (array, reason)) in enumerate(zip(paths, results), 1):
+            if array is None and not skip_bad_images:
+                raise UserError(reason)
+            kept.append(array is not None)
+            if array is not None:
+                if out is not None:
+                    out.write(array.tobytes())
+                else:
+                    stacked.append(torch.from_numpy(array))
+            if time.perf_counter() - shown > PROGRESS_S:
+                shown = time.perf_counter()
+                print(f"decoded {done:,}/{len(paths):,} images ({done / (shown - started):,.0f}/s)", file=sys.stderr)
+    if len(paths) >= PARALLEL_FROM:
+        seconds = time.perf_counter() - started
+        print(f"decoded {len(paths):,} images in {seconds:.1f}s ({len(paths) / seconds:,.0f}/s)", file=sys.stderr)
+    if out is not None or not stacked:
+        return None, kept
+    return torch.stack(stacked), kept
+
+
+@contextlib.contextmanager
+def _pool(n: int):
+    """An ordered map: worker processes for large jobs (forked on Linux, where that is cheap), else in-process."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n < PARALLEL_FROM or workers < 2:
+        yield map
+        return
+    method = "fork" if sys.platform == "linux" else None  # the workers only run Pillow and NumPy
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        yield lambda fn, items: pool.map(fn, items, chunksize=64)
+
+
+def _decode_or_reason(path: Path, channels: int, image_size: int) -> tuple[np.ndarray | None, str]:
+    try:
+        return load_image_array(path, channels, image_size), ""
+    except UserError as error:
+        return None, str(error)
 
 
 def load_image(path: Path, channels: int, image_size: int) -> torch.Tensor:
@@ -582,6 +670,11 @@ def load_image(path: Path, channels: int, image_size: int) -> torch.Tensor:
     Mode L for 1 channel, RGB for 3; resized (not cropped) to image_size x
     image_size. Raises UserError naming the path for a missing/non-image/corrupt file.
     """
+    return torch.from_numpy(load_image_array(path, channels, image_size))
+
+
+def load_image_array(path: Path, channels: int, image_size: int) -> np.ndarray:
+    """`load_image` as a NumPy array (what decoding workers send back)."""
     mode = image_mode(channels)
     try:
         with Image.open(path) as image:
@@ -589,7 +682,8 @@ def load_image(path: Path, channels: int, image_size: int) -> torch.Tensor:
             image = to_mode(image, mode)
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return pil_to_tensor(image)
+            array = np.array(image, dtype=np.uint8)  # a copy: writable, as torch wants
+            return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     except FileNotFoundError as error:
         raise UserError(f"image not found: {path}") from error
     # Decoders of broken files raise a zoo of exception types; all of them mean "bad file".

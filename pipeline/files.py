@@ -82,6 +82,14 @@ def save_torch(obj: Any, path: Path) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file of any size, read in chunks."""
+    import hashlib
+
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, algorithm).hexdigest()
+
+
 def copy_file(source: Path, dest: Path) -> None:
     write_bytes(dest, read_bytes(source))
 

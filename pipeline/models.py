@@ -9,7 +9,6 @@ loads the verified weights into it when training starts.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 from collections.abc import Callable
@@ -190,14 +189,6 @@ def published_sha256(url: str) -> str:
     return match.group(1)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_path(cfg: ModelConfig) -> tuple[Path, str]:
     """(verified local file, its SHA-256) of `cfg.weights`: a local `weights_file`, or a download (torchvision's
     URL, or `weights_file` as a mirror URL) into torch's hub cache, checked against the published hash or
@@ -207,7 +198,7 @@ def weights_path(cfg: ModelConfig) -> tuple[Path, str]:
     source = cfg.weights_file or weights.url
     if urlsplit(source).scheme in ("http", "https", "file"):
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(source).path).name
-        if not (path.is_file() and sha256_of(path).startswith(expected)):
+        if not (path.is_file() and files.file_digest(path, "sha256").startswith(expected)):
             path.parent.mkdir(parents=True, exist_ok=True)
             try:  # to a temporary file, hash-checked, then renamed: a wrong or cut-off download leaves nothing
                 torch.hub.download_url_to_file(source, str(path), hash_prefix=expected, progress=False)
@@ -220,7 +211,7 @@ def weights_path(cfg: ModelConfig) -> tuple[Path, str]:
         path = Path(source)
         if not path.is_file():
             raise UserError(f"model.weights_file {path} not found; point it at the downloaded .pth file")
-    actual = sha256_of(path)
+    actual = files.file_digest(path, "sha256")
     if not actual.startswith(expected):
         raise UserError(f"model.weights_file {path} has SHA-256 {actual}, expected {expected}...: not the "
                         f"published {weights.name} file (set model.weights_sha256 if it is your own)")

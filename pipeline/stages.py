@@ -9,6 +9,7 @@ see no change. Heavy modules are imported inside the stage that needs them.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from pipeline import paths
@@ -19,8 +20,8 @@ from pipeline.paths import FINAL, RunPaths
 _DATA = ["data.name", "data.path", "data.follow_symlinks", "data.checksums"]
 PARAMS: dict[str, list[str]] = {
     "download": _DATA,
-    "prepare": ["seed", *_DATA, "data.image_size", "data.channels", "data.skip_bad_images", "data.val_fraction",
-                "data.test_fraction"],
+    "prepare": ["seed", *_DATA, "data.image_size", "data.channels", "data.skip_bad_images", "data.memory_limit_mb",
+                "data.val_fraction", "data.test_fraction"],
     "train": [key for key in training_keys() if key != "model.name"],  # train@<model> sets the name
     "tune": search_keys(),
     "train_final": training_keys(),
@@ -62,17 +63,43 @@ def download(cfg: Config) -> None:
 
 
 def prepare(cfg: Config) -> None:
-    """Decode once into uint8 tensors with a seeded, stratified train/val(/test) split, plus a sample grid."""
-    from pipeline import data, datasets, reporting
+    """Decode once into uint8 tensors with a seeded, stratified train/val(/test) split, plus a sample grid.
 
-    raw = datasets.load(cfg.data, paths.raw_dir(cfg.data.name))
-    test = data.Split(raw.test_images, raw.test_labels) if raw.test_images is not None else None
-    splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.seed, test=test)
-    meta = data.save_prepared(paths.PREPARED_DIR, splits, raw.classes, source=raw.source)
-    samples = splits["train"]
-    reporting.plot_samples(samples.images[:9], [raw.classes[i] for i in samples.labels[:9].tolist()],
+    Data within data.memory_limit_mb stays resident (one tensor, on the training device); larger data is streamed
+    from a memory-mapped file (a folder's images are decoded straight into it, never all held in memory).
+    """
+    import torch
+
+    from pipeline import data, datasets, files, reporting
+
+    root, out = paths.raw_dir(cfg.data.name), paths.PREPARED_DIR
+    limit = cfg.data.memory_limit_mb * 2 ** 20
+    with contextlib.ExitStack() as stack:
+        # A streamed dataset's images go to a temporary file that replaces images.u8 only once the splits and
+        # their files are written: a bad image or a split error leaves the previous prepared data whole.
+        def images_file() -> Path:
+            return stack.enter_context(files.atomic_path(out / data.IMAGES_FILE))
+
+        if cfg.data.name == "folder" and datasets.folder_bytes(cfg.data) > limit:
+            images_path = images_file()
+            with open(images_path, "wb") as stream:
+                raw = datasets.load(cfg.data, root, out=stream)
+        else:
+            raw = datasets.load(cfg.data, root)
+            parts = [part for part in (raw.train_images, raw.val_images, raw.test_images) if part is not None]
+            images_path = images_file() if sum(part.numel() for part in parts) > limit else None
+            if images_path:  # a downloaded dataset fits in memory while prepared, not beside training
+                with open(images_path, "wb") as stream:
+                    for part in parts:
+                        stream.write(part.contiguous().numpy().tobytes())
+        splits = data.splits_of(raw, cfg.data, cfg.seed, images_path)
+        meta = data.save_prepared(out, splits, raw.classes, source=raw.source, images_path=images_path)
+    first = torch.arange(min(9, len(splits["train"])))
+    reporting.plot_samples(splits["train"].take(first), [raw.classes[i] for i in splits["train"].labels[first].tolist()],
                            paths.SAMPLES_PNG, title=f"{cfg.data.name}: training samples")
-    print(f"prepared {cfg.data.name}: {meta['sizes']} images of shape {meta['shape']} -> {paths.PREPARED_DIR}")
+    how = "streamed from disk (above" if images_path else "resident (within"
+    print(f"prepared {cfg.data.name}: {meta['sizes']} images of shape {meta['shape']}, {how} "
+          f"data.memory_limit_mb={cfg.data.memory_limit_mb:g}) -> {out}")
 
 
 def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str | None:
@@ -194,7 +221,7 @@ def evaluate(cfg: Config) -> None:
     device = loop.resolve_device(cfg.train.device)
     for run_name in evaluated_runs(cfg):
         model_file = RunPaths.of(run_name).model
-        y_true, y_pred, model_name = predict_test_set(model_file, prepared, device)
+        y_true, y_pred, model_name = predict_test_set(model_file, prepared, device, cfg.data.loader_workers)
         metrics = evaluation.classification_metrics(y_true, y_pred)
         text, as_dict = evaluation.report(y_true, y_pred, prepared.classes)
         matrix = evaluation.confusion(y_true, y_pred, prepared.num_classes)
@@ -219,7 +246,7 @@ def evaluate(cfg: Config) -> None:
         print(f"[{run_name}] test accuracy {metrics['accuracy']:.4f} f1_macro {metrics['f1_macro']:.4f}")
 
 
-def predict_test_set(model_file: Path, prepared, device):
+def predict_test_set(model_file: Path, prepared, device, workers: int = 0):
     """(true labels, predicted labels, the model's name) on the test split, labels as numpy arrays."""
     from pipeline import data, loop, models
 
@@ -227,7 +254,7 @@ def predict_test_set(model_file: Path, prepared, device):
     if saved["classes"] != prepared.classes or tuple(saved["input_shape"]) != prepared.input_shape:
         raise UserError(f"{model_file} was trained on other data ({len(saved['classes'])} classes, input "
                         f"{tuple(saved['input_shape'])}) than {paths.PREPARED_DIR}: run `dvc repro` to retrain it")
-    batches = data.eval_batches(prepared.test, saved["mean"], saved["std"], device)
+    batches = data.eval_batches(prepared.test, saved["mean"], saved["std"], device, workers=workers)
     labels, probs = loop.predict(model, batches, device)
     return labels.numpy(), probs.argmax(dim=1).numpy(), saved["config"]["model"]["name"]
 

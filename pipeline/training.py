@@ -35,7 +35,7 @@ def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
     train_batches, val_batches = data.training_batches(
         dataclasses.replace(prepared, mean=mean, std=std), cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
         drop_last=cfg.train.drop_last, channels_last=loop.uses_channels_last(cfg.train, model),
-        shard=(world.rank, world.size))
+        shard=(world.rank, world.size), workers=cfg.data.loader_workers)
     return model, train_batches, val_batches
 
 

@@ -59,7 +59,7 @@ def digits():
     cfg = load_config(REPO / "params.yaml")
     raw = datasets.load_digits()
     splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.seed)
-    mean, std = data.channel_stats(splits["train"].images)
+    mean, std = data.channel_stats(splits["train"])
     return data.PreparedData(**splits, classes=raw.classes, mean=mean, std=std, md5="digits-fixture")
 
 
