@@ -17,8 +17,6 @@ import dataclasses
 import hashlib
 import io
 import math
-import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -94,8 +94,8 @@ def prepare(cfg: Config) -> None:
                         stream.write(part.contiguous().numpy().tobytes())
         splits = data.splits_of(raw, cfg.data, cfg.seed, images_path)
         meta = data.save_prepared(out, splits, raw.classes, source=raw.source, images_path=images_path)
-    first = torch.arange(min(9, len(splits["train"])))
-    reporting.plot_samples(splits["train"].take(first), [raw.classes[i] for i in splits["train"].labels[first].tolist()],
+    train, first = splits["train"], torch.arange(min(9, len(splits["train"])))
+    reporting.plot_samples(train.take(first), [raw.classes[i] for i in train.labels[first].tolist()],
                            paths.SAMPLES_PNG, title=f"{cfg.data.name}: training samples")
     how = "streamed from disk (above" if images_path else "resident (within"
     print(f"prepared {cfg.data.name}: {meta['sizes']} images of shape {meta['shape']}, {how} "

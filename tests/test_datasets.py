@@ -570,7 +570,8 @@ def test_uncompressed_local_copies_are_used_without_any_network_access(layout, o
     raw = datasets.load_raw("mnist", root)
 
     assert sum(mirror.requests.values()) == 0
-    assert torch.equal(raw.train_images, fake_mnist.train_images) and torch.equal(raw.test_labels, fake_mnist.test_labels)
+    assert torch.equal(raw.train_images, fake_mnist.train_images)
+    assert torch.equal(raw.test_labels, fake_mnist.test_labels)
     assert {path: path.read_bytes() for path in folder.iterdir()} == before  # the user's copy is untouched
 
 

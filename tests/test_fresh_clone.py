@@ -1,5 +1,6 @@
 """The acceptance path of a new user on a fresh clone, with the real `dvc` and MLflow/Optuna stores."""
 
+import csv
 import json
 import subprocess
 
@@ -10,6 +11,8 @@ from conftest import by_role, edit_params, git, run_dvc, stores
 
 pytestmark = pytest.mark.slow
 
+METRIC_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
+               "f1_weighted"}
 TINY = {"train.epochs": 2, "comparison": ["logreg"], "tune.n_trials": 3, "tune.epochs": 2, "tune.startup_trials": 1}
 
 
@@ -20,6 +23,14 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     edit_params(repo_copy, {**TINY, "tracking.enabled": False})
     first = run_dvc("repro", cwd=repo_copy)
     assert first.returncode == 0, first.stdout + first.stderr
+    history = list(csv.DictReader((repo_copy / "reports/train/logreg/history.csv").open()))
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert list(history[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+    assert set(json.loads((repo_copy / "reports/metrics.json").read_text())) == METRIC_KEYS
+    compare = (repo_copy / "reports/compare.md").read_text()
+    assert "| logreg |" in compare and "| final (cnn) |" in compare and "seconds" not in compare
+    assert (repo_copy / "reports/plots/confusion.png").stat().st_size > 1000
+    assert not list((repo_copy / "checkpoints").rglob("*.pt")), "finished runs leave no resume point"
     edit_params(repo_copy, {"tracking.enabled": True})
     git(repo_copy, "add", "-A")
     git(repo_copy, "commit", "-qm", "published with its outputs")

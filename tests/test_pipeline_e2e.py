@@ -1,6 +1,5 @@
 """The real entry points on tiny settings: `python -m pipeline ...` and `dvc repro` in a temporary repository."""
 
-import csv
 import json
 
 import pytest
@@ -11,28 +10,6 @@ pytestmark = pytest.mark.slow
 
 TINY = {"train.epochs": 2, "comparison": ["logreg"], "tune.n_trials": 3, "tune.epochs": 2, "tune.startup_trials": 1}
 UNTRACKED = {**TINY, "tracking.enabled": False}  # for tests about something else: MLflow costs ~3 s a process
-METRIC_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
-               "f1_weighted"}
-
-
-def test_cli_stages_in_order(repo_copy):
-    edit_params(repo_copy, UNTRACKED)
-    run_cli("prepare", cwd=repo_copy, check=True)
-    result = run_cli("train", "--model", "logreg", cwd=repo_copy, check=True)
-    assert "epoch   2/2" in result.stdout
-    run_cli("train", "--final", "--set", "model.name=logreg", cwd=repo_copy, check=True)
-    run_cli("evaluate", cwd=repo_copy, check=True)
-    run_cli("report", cwd=repo_copy, check=True)
-
-    history = list(csv.DictReader((repo_copy / "reports/train/logreg/history.csv").open()))
-    assert [row["epoch"] for row in history] == ["1", "2"]
-    assert list(history[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
-    assert set(json.loads((repo_copy / "reports/metrics.json").read_text())) == METRIC_KEYS
-    compare = (repo_copy / "reports/compare.md").read_text()
-    # the final model is named as it was trained (logreg), whatever params.yaml's model.name says
-    assert "| logreg |" in compare and "| final (logreg) |" in compare and "seconds" not in compare
-    assert (repo_copy / "reports/plots/confusion.png").stat().st_size > 1000
-    assert not list((repo_copy / "checkpoints").rglob("*.pt")), "finished runs leave no resume point"
 
 
 def test_train_without_prepared_data_is_a_one_line_error(repo_copy):
