@@ -148,7 +148,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "tune":
         if args.workers:
             cfg = cfg.with_overrides({"tune.workers": args.workers}, source="--workers")
-        worker_args = ["--params", args.params, *(f"--set={item}" for item in args.overrides)]
+        # the workers see this process's params, and how many they are (to share the cores)
+        worker_args = ["--params", args.params, *(f"--set={item}" for item in args.overrides),
+                       f"--set=tune.workers={cfg.tune.workers}"]
         stages.tune(cfg, worker_args, worker=args.worker)
     elif args.command == "evaluate":
         stages.evaluate(cfg)

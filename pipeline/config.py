@@ -129,6 +129,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto"] | bool = Field("auto", description="channels_last memory format; auto: for "
                                                                       "models with convolutions")
+    threads: int | None = Field(None, ge=1, description="CPU threads per process (torch.set_num_threads); null: the "
+                                                       "cores this process may use, shared out among processes "
+                                                       "that train at once (tune --workers, train --nproc). It "
+                                                       "shapes results (summation order), so runs record it")
     compile: bool = False
     deterministic: bool = True
     drop_last: bool = False
@@ -435,8 +439,10 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
 _RUNTIME_TRAIN = {"resume"}
 # Set by the search for every trial, whatever train.* says (tune.epochs, tune.metric, no resume).
 _SET_BY_SEARCH = {"epochs", "monitor", "resume"}
-# Where and how a search runs, not which trials it runs.
+# Where and how a search runs, not which trials it runs. (A trial's threads follow tune.workers: another thread
+# count sums in another order, which bf16 autocast shows at ~1e-3, but the study is the same.)
 _RUNTIME_TUNE = {"workers", "storage", "heartbeat_interval", "grace_period"}
+_RUNTIME_TRIAL = {"threads"}
 # How much of a search to run: a bigger budget continues the same study.
 _BUDGET_TUNE = {"n_trials", "timeout"}
 
@@ -454,7 +460,7 @@ def training_keys() -> list[str]:
 def study_keys() -> list[str]:
     """Params that define a search (its study name hashes these): change one and it is another study."""
     return ["seed", "data.augment", *_section_keys("model", ModelConfig),
-            *_section_keys("train", TrainConfig, _SET_BY_SEARCH),
+            *_section_keys("train", TrainConfig, _SET_BY_SEARCH | _RUNTIME_TRIAL),
             *_section_keys("tune", TuneConfig, _RUNTIME_TUNE | _BUDGET_TUNE)]
 
 

@@ -94,8 +94,8 @@ def prepare(cfg: Config) -> None:
                         stream.write(part.contiguous().numpy().tobytes())
         splits = data.splits_of(raw, cfg.data, cfg.seed, images_path)
         meta = data.save_prepared(out, splits, raw.classes, source=raw.source, images_path=images_path)
-    train, first = splits["train"], torch.arange(min(9, len(splits["train"])))
-    reporting.plot_samples(train.take(first), [raw.classes[i] for i in train.labels[first].tolist()],
+    samples, first = splits["train"], torch.arange(min(9, len(splits["train"])))
+    reporting.plot_samples(samples.take(first), [raw.classes[i] for i in samples.labels[first].tolist()],
                            paths.SAMPLES_PNG, title=f"{cfg.data.name}: training samples")
     how = "streamed from disk (above" if images_path else "resident (within"
     print(f"prepared {cfg.data.name}: {meta['sizes']} images of shape {meta['shape']}, {how} "
@@ -115,6 +115,7 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
     run_paths = run_paths or RunPaths.of(run_name)
     prepared = data.load_prepared(paths.PREPARED_DIR)
     world, device = distributed.init(loop.resolve_device(cfg.train.device))
+    threads = loop.set_threads(cfg.train.threads, world.size)  # ranks on one machine share its cores
     try:
         model, train_batches, val_batches = training.setup(cfg, prepared, device, world)
         checkpoints = loop.Checkpoints(run_paths.checkpoints, training.resume_key(cfg, prepared.md5),
@@ -126,7 +127,8 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
         from pipeline import models
 
         ranks = f" x {world.size} processes" if world.distributed else ""
-        print(f"[{run_name}] {cfg.model.name}: {models.count_parameters(model):,} parameters on {device}{ranks}, "
+        on = f"{device} ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else str(device)
+        print(f"[{run_name}] {cfg.model.name}: {models.count_parameters(model):,} parameters on {on}{ranks}, "
               f"{len(prepared.train)} train / {len(prepared.val)} val images", flush=True)
         name = cfg.model.name if run_name == cfg.model.name else f"{cfg.model.name}-{run_name}"
         continued = checkpoints.meta.get("mlflow_run_id") if resumed else None
@@ -175,7 +177,7 @@ def _log_training(cfg, run, run_name, run_paths, summary, result, prepared, worl
     run.set_tags({"best_epoch": result.best_epoch, "epochs_run": summary["epochs_run"],
                   "stopped_early": result.stopped_early, "model.parameters": summary["parameters"],
                   "train_seconds": f"{result.seconds:.1f}", "tracking_seconds": f"{run.metrics.seconds_spent:.2f}",
-                  "distributed.world_size": world.size,
+                  "distributed.world_size": world.size, "torch.threads": torch.get_num_threads(),
                   # which pretrained file training started from (model.weights names it; this is its content)
                   **({"model.weights_sha256": weights_sha256} if weights_sha256 else {})})
     run.log_config()
@@ -192,8 +194,9 @@ def _log_training(cfg, run, run_name, run_paths, summary, result, prepared, worl
 
 def tune(cfg: Config, worker_args: list[str], worker: bool = False) -> None:
     """Optuna search over tune.space for model.name -> reports/tune/ (best_params.json, trials, plots)."""
-    from pipeline import tuning
+    from pipeline import loop, tuning
 
+    loop.set_threads(cfg.train.threads, cfg.tune.workers if worker else 1)  # workers share the cores
     if worker:
         tuning.work(cfg, paths.PREPARED_DIR)
     else:
@@ -219,6 +222,7 @@ def evaluate(cfg: Config) -> None:
 
     prepared = data.load_prepared(paths.PREPARED_DIR)
     device = loop.resolve_device(cfg.train.device)
+    loop.set_threads(cfg.train.threads)
     for run_name in evaluated_runs(cfg):
         model_file = RunPaths.of(run_name).model
         y_true, y_pred, model_name = predict_test_set(model_file, prepared, device, cfg.data.loader_workers)

@@ -350,13 +350,15 @@ def run_trial(search: Search, trial: optuna.Trial) -> None:
     cfg = search.trial_config(params)
     state, value, note = TrialState.FAIL, None, "interrupted"
     model = batches = None
+    trial.set_user_attr("threads", torch.get_num_threads())  # shapes its numbers (summation order); see config
     try:
         model, *batches = training.setup(cfg, search.prepared, search.device)
         with training.tracked_run(cfg, f"{search.study.study_name}-trial-{trial.number:03d}", "trial",
                                   search.prepared.md5, parent_run_id=search.parent_run_id,
                                   finished_on=(optuna.TrialPruned,),
                                   tags={"optuna.study": search.study.study_name,
-                                        "optuna.trial": str(trial.number)}) as run:
+                                        "optuna.trial": str(trial.number),
+                                        "torch.threads": str(torch.get_num_threads())}) as run:
             if run:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
                 run.log_config()  # the trial's whole config: what `reproduce` or a person needs

@@ -207,3 +207,10 @@ def test_cuda_mixed_precision_channels_last_and_compile(digits, tiny_cfg):
     assert result.best.val_accuracy > 0.9
     fp16 = train(digits, cfg.with_overrides({"train.precision": "fp16", "train.compile": True}), device=cuda)
     assert fp16.best.val_accuracy > 0.9
+
+
+def test_processes_training_at_once_share_the_cores():
+    assert loop.thread_count(None, 1, 16, None) == 16
+    assert loop.thread_count(None, 4, 16, None) == 4 and loop.thread_count(None, 4, 2, None) == 1
+    assert loop.thread_count(None, 1, 16, "1") == 1  # OMP_NUM_THREADS caps the share
+    assert loop.thread_count(3, 4, 16, "1") == 3  # train.threads is what it says
