@@ -16,6 +16,7 @@ MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -175,6 +176,8 @@ def stop(directory: Path, remove: bool = True) -> None:
         try:
             os.killpg(pid, signal.SIGTERM)  # the server and its workers
             for _ in range(100):
+                with contextlib.suppress(ChildProcessError):  # started by this process: reap it, or it lingers
+                    os.waitpid(pid, os.WNOHANG)              # as a zombie that killpg(pid, 0) still finds
                 os.killpg(pid, 0)
                 time.sleep(0.1)
             os.killpg(pid, signal.SIGKILL)
