@@ -127,3 +127,22 @@ def test_a_truncated_images_file_is_one_line_with_what_to_do(tmp_path, digits):
         data.load_prepared(out)
     assert "\n" not in str(error.value) and "should hold" in str(error.value) and "dvc repro -f prepare" in str(
         error.value)
+
+
+def test_a_dataset_with_an_official_test_split_streams_the_same_splits(tmp_path):
+    """MNIST-like data (given test split, in memory when decoded): the streamed file holds train then test rows,
+    and every split matches the resident one image for image."""
+    generator = torch.Generator().manual_seed(0)
+    train, test = (torch.randint(0, 256, (n, 1, 6, 6), dtype=torch.uint8, generator=generator) for n in (200, 50))
+    raw = datasets.RawDataset(train, torch.arange(200) % 10, test, torch.arange(50) % 10,
+                              [str(i) for i in range(10)])
+    cfg = load_config(REPO / "params.yaml").data
+    (tmp_path / data.IMAGES_FILE).write_bytes(torch.cat([train, test]).numpy().tobytes())
+
+    resident = data.splits_of(raw, cfg, seed=3)
+    streamed = data.splits_of(raw, cfg, seed=3, images_path=tmp_path / data.IMAGES_FILE)
+    for name in data.SPLITS:
+        view = streamed[name]
+        assert view.streamed and torch.equal(view.take(torch.arange(len(view))), resident[name].images)
+        assert torch.equal(view.labels, resident[name].labels)
+    assert data.channel_stats(streamed["train"]) == data.channel_stats(resident["train"])
