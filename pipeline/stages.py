@@ -42,22 +42,25 @@ def evaluated_runs(cfg: Config) -> list[str]:
 
 def download(cfg: Config) -> None:
     """Fetch raw files (torchvision datasets, MD5-verified) or record what a bundled/local dataset holds."""
-    from pipeline import datasets, files
+    from pipeline import files
 
     out = paths.raw_dir(cfg.data.name)
-    if cfg.data.name in datasets.TORCHVISION_DATASETS:
-        local = Path(cfg.data.path) if cfg.data.path else None
-        fetched = datasets.download(cfg.data.name, out, cfg.data.mirror, cfg.data.retries, cfg.data.checksums, local)
-        print(f"verified {cfg.data.name}: {', '.join(path.name for path in fetched)} in {out}")
-        return
-    if cfg.data.name == "folder":
-        # DVC sees a folder outside the repo only through this manifest: re-run `download` after changing it.
-        manifest = datasets.folder_manifest(Path(cfg.data.path), cfg.data.follow_symlinks)
-    else:
-        import sklearn
+    if cfg.data.name == "digits":  # first: the default run imports no torch, torchvision or sklearn (~3 s) here
+        from importlib.metadata import version
 
         manifest = {"source": "sklearn.datasets.load_digits (bundled with scikit-learn)",
-                    "scikit-learn": sklearn.__version__}
+                    "scikit-learn": version("scikit-learn")}
+    else:
+        from pipeline import datasets
+
+        if cfg.data.name in datasets.TORCHVISION_DATASETS:
+            local = Path(cfg.data.path) if cfg.data.path else None
+            fetched = datasets.download(cfg.data.name, out, cfg.data.mirror, cfg.data.retries, cfg.data.checksums,
+                                        local)
+            print(f"verified {cfg.data.name}: {', '.join(path.name for path in fetched)} in {out}")
+            return
+        # DVC sees a folder outside the repo only through this manifest: re-run `download` after changing it.
+        manifest = datasets.folder_manifest(Path(cfg.data.path), cfg.data.follow_symlinks)
     files.write_json(out / "manifest.json", manifest)
     print(f"{cfg.data.name}: nothing to download; manifest -> {out / 'manifest.json'}")
 
