@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline import data, loop, models, training  # noqa: E402
+from pipeline import data, loop, models, processes, training  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 OUT = REPO / "reports" / "bench" / "results.json"
@@ -257,7 +257,7 @@ def compare_folder(args, device: torch.device) -> list[Row]:
             return n / seconds
         return run
 
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = processes.available_cores()
     a, b = interleaved(decode(1), decode(10 ** 9), args.repeats, warmup=0)
     rows = [Row("prepare, decode a JPEG folder", f"{workers} worker processes", "one process", "images/s", a, b,
                 higher_is_better=True, note=f"{n:,} JPEGs 64x64 -> 32x32 RGB")]

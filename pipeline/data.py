@@ -322,19 +322,23 @@ class TensorBatches:
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self):
+        for index in self.positions(self.split.labels.device):
+            yield self.rank_slice(self.transform(self.split.take(index)), self.split.labels[index])
+
+    def positions(self, device: torch.device) -> list[torch.Tensor]:
+        """This epoch's batches of positions, on `device`: one draw of the order from the generator."""
         n = len(self.split)
-        device = self.split.labels.device
         order = torch.randperm(n, generator=self.generator, device=self.generator.device) if self.shuffle \
             else torch.arange(n)
-        order = order.to(device, non_blocking=True)
+        return list(order.to(device, non_blocking=True)[:len(self) * self.batch_size].split(self.batch_size))
+
+    def rank_slice(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of a batch. The whole batch was augmented on every rank, so each drew what a single
+        process would draw."""
         rank, ranks = self.shard
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size]
-            # the whole batch is augmented on every rank, so each draws what a single process would draw
-            inputs, labels = self.transform(self.split.take(index)), self.split.labels[index]
-            if ranks > 1:
-                inputs, labels = inputs.tensor_split(ranks)[rank], labels.tensor_split(ranks)[rank]
-            yield inputs, labels
+        if ranks > 1:
+            return inputs.tensor_split(ranks)[rank], labels.tensor_split(ranks)[rank]
+        return inputs, labels
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()} if self.generator is not None else {}
@@ -367,19 +371,10 @@ class StreamBatches(TensorBatches):
             generator=torch.Generator().manual_seed(0))
 
     def __iter__(self):
-        n = len(self.split)
-        order = torch.randperm(n, generator=self.generator, device=self.generator.device) if self.shuffle \
-            else torch.arange(n)
-        order = order.cpu()
-        self.orders.chunks = [order[start:start + self.batch_size]
-                              for start in range(0, len(self) * self.batch_size, self.batch_size)]
-        rank, ranks = self.shard
+        self.orders.chunks = self.positions(torch.device("cpu"))  # the workers read from the file on the host
         for images, labels in self.loader:
-            inputs = self.transform(images.to(self.device, non_blocking=True))
-            labels = labels.to(self.device, non_blocking=True)
-            if ranks > 1:
-                inputs, labels = inputs.tensor_split(ranks)[rank], labels.tensor_split(ranks)[rank]
-            yield inputs, labels
+            yield self.rank_slice(self.transform(images.to(self.device, non_blocking=True)),
+                                  labels.to(self.device, non_blocking=True))
 
 
 class _Orders(torch.utils.data.Sampler):

@@ -46,9 +46,9 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.datasets.utils import USER_AGENT, calculate_md5
+from torchvision.datasets.utils import USER_AGENT
 
-from pipeline import files
+from pipeline import files, processes
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
 
@@ -70,6 +70,9 @@ UNCOMPRESSED_MD5 = {
 }
 
 
+Listing = tuple[list[str], dict[str, dict[str, list[Path]]]]  # scan_folder: (classes, {split: {class: files}})
+
+
 @dataclass(frozen=True)
 class RawDataset:
     train_images: torch.Tensor | None  # uint8 [N, C, H, W]; None: decoded straight into a file (streamed)
@@ -82,24 +85,25 @@ class RawDataset:
     val_labels: torch.Tensor | None = None
 
 
-def load(cfg: DataConfig, root: Path, out: BinaryIO | None = None) -> RawDataset:
+def load(cfg: DataConfig, root: Path, out: BinaryIO | None = None, listing: Listing | None = None) -> RawDataset:
     """Any supported dataset decoded to uint8 tensors: the one entry point `prepare` uses.
 
     `root` is where `download` put a torchvision dataset's raw files. With `out`,
     a folder's images are written there as they are decoded (train, val, test
     rows in that order) instead of being held in memory, and come back as None.
+    `listing`: the folder's `scan_folder`, when the caller already has it.
     """
     if cfg.name == "digits":
         return load_digits()
     if cfg.name == "folder":
         return load_folder(Path(cfg.path), cfg.channels, cfg.image_size, cfg.skip_bad_images, cfg.follow_symlinks,
-                           out)
+                           out, listing)
     return load_raw(cfg.name, root, cfg.checksums)
 
 
-def folder_bytes(cfg: DataConfig) -> int:
-    """What a folder's images take decoded (before decoding them): files x channels x image_size**2."""
-    _, parts = scan_folder(Path(cfg.path), cfg.follow_symlinks)
+def folder_bytes(listing: Listing, cfg: DataConfig) -> int:
+    """What a scanned folder's images take decoded (before decoding them): files x channels x image_size**2."""
+    _, parts = listing
     return sum(len(files) for part in parts.values() for files in part.values()) * cfg.channels * cfg.image_size ** 2
 
 
@@ -136,7 +140,7 @@ def download(name: str, root: Path, mirror: str | None = None, retries: int = 3,
     root.mkdir(parents=True, exist_ok=True)
     sources = local_sources(name, root, local)
     if name == "cifar10":
-        return [download_cifar(root, sources, mirror, retries, checksums)]
+        return [download_cifar(root, sources, local, mirror, retries, checksums)]
     dataset = IDX_CLASSES[name]
     fetched = []
     for filename, md5 in dataset.resources:
@@ -177,7 +181,7 @@ def in_root(root: Path, forms: dict[str, set[str]]) -> Path | None:
     for filename, accepted in forms.items():
         path = root / filename
         if path.is_file():
-            actual = calculate_md5(path)
+            actual = files.file_digest(path)
             if actual in accepted:
                 return path
             require_known(path, accepted)
@@ -192,7 +196,7 @@ def copy_local(sources: list[Path], root: Path, forms: dict[str, set[str]]) -> P
             path = source / filename
             if not path.is_file():
                 continue
-            actual = calculate_md5(path)
+            actual = files.file_digest(path)
             require_known(path, accepted)
             if actual not in accepted:
                 raise UserError(f"{path} has MD5 {actual}, not the official {' or '.join(sorted(accepted))}: "
@@ -220,7 +224,7 @@ def set_aside(path: Path, actual: str, accepted: set[str]) -> Path:
     return aside
 
 
-def download_cifar(root: Path, sources: list[Path], mirror: str | None, retries: int,
+def download_cifar(root: Path, sources: list[Path], local: Path | None, mirror: str | None, retries: int,
                    checksums: dict[str, str]) -> Path:
     """The extracted batches folder: kept if intact, else copied from a local copy, else extracted from the
     (local or downloaded) archive."""
@@ -234,7 +238,7 @@ def download_cifar(root: Path, sources: list[Path], mirror: str | None, retries:
                 print(f"using local copy {candidate} (MD5s verified)", file=sys.stderr)
                 return folder
     forms = {CIFAR10.filename: accepted_md5s(CIFAR10.tgz_md5, CIFAR10.filename, checksums)}
-    archive_sources = [root.parent] if len(sources) == 2 else [sources[0], root.parent]  # data.path, tv's root
+    archive_sources = [*([local] if local else []), root.parent]  # data.path, torchvision's root (data/raw)
     archive = in_root(root, forms) or copy_local(archive_sources, root, forms)
     if archive is None:
         urls = [CIFAR10.url] if mirror is None else [mirror_url(mirror, CIFAR10.filename)]
@@ -246,14 +250,21 @@ def download_cifar(root: Path, sources: list[Path], mirror: str | None, retries:
 
 
 def copy_folder(source: Path, folder: Path) -> None:
-    """Copy a verified folder into place through a temporary sibling (an interrupted copy leaves no folder)."""
+    """Copy a verified folder into place (see `folder_in_place`: an interrupted copy leaves no folder)."""
+    with folder_in_place(folder) as temp:
+        shutil.copytree(source, temp / folder.name)
+
+
+@contextlib.contextmanager
+def folder_in_place(folder: Path):
+    """A temporary sibling of `folder` to build `<temp>/<folder.name>` in; renamed over `folder` if the block
+    succeeds, so whatever an interrupted or failed block leaves is never taken for the folder."""
     temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".part"))
     try:
-        target = temp / folder.name
-        shutil.copytree(source, target)
+        yield temp
         if folder.exists():
             shutil.rmtree(folder)
-        os.replace(target, folder)
+        os.replace(temp / folder.name, folder)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -292,7 +303,7 @@ def fetch_to(path: Path, accepted: set[str], url: str, retries: int) -> None:
     # The temporary name is never looked at again, so whatever a crash leaves of it can't pass as the real file.
     with files.atomic_path(path) as temp:
         fetch_with_retries(url, temp, retries)
-        actual = calculate_md5(temp)
+        actual = files.file_digest(temp)
         if actual not in accepted:
             raise UserError(f"MD5 mismatch for {path.name} from {url}: expected {' or '.join(sorted(accepted))}, got "
                             f"{actual}; nothing was kept. A re-compressed copy never matches the official .gz: "
@@ -351,8 +362,7 @@ def extract_tar(archive: Path, folder: Path) -> None:
     Extraction goes to a temporary sibling that is renamed into place at the
     end, so an interrupted one leaves no `folder` for a later run to accept.
     """
-    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".part"))
-    try:
+    with folder_in_place(folder) as temp:
         try:
             with tarfile.open(archive, "r:*") as tar:
                 members = tar.getmembers()
@@ -364,14 +374,8 @@ def extract_tar(archive: Path, folder: Path) -> None:
                     tar.extractall(temp, members=members)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
             raise UserError(f"cannot extract {archive}: {one_line(error)}") from error
-        extracted = temp / folder.name
-        if not extracted.is_dir():
+        if not (temp / folder.name).is_dir():
             raise UserError(f"{archive} holds no {folder.name}/ folder")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(extracted, folder)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def check_member(member: tarfile.TarInfo, archive: Path) -> None:
@@ -394,7 +398,7 @@ def check_member(member: tarfile.TarInfo, archive: Path) -> None:
 
 def cifar_folder_intact(folder: Path, checksums: dict[str, str] | None = None) -> bool:
     return folder.is_dir() and all(
-        path.is_file() and calculate_md5(path) in accepted_md5s(md5, path.name, checksums or {})
+        path.is_file() and files.file_digest(path) in accepted_md5s(md5, path.name, checksums or {})
         for path, md5 in cifar_files(folder))
 
 
@@ -497,7 +501,8 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "
 
 
 def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: bool,
-                follow_symlinks: bool = False, out: BinaryIO | None = None) -> RawDataset:
+                follow_symlinks: bool = False, out: BinaryIO | None = None, listing: Listing | None = None
+                ) -> RawDataset:
     """ImageFolder-style dir decoded to tensors (or into `out`, see `load`).
 
     Classes are the class sub-folders sorted by name, as in torchvision's
@@ -507,16 +512,15 @@ def load_folder(path: Path, channels: int, image_size: int, skip_bad_images: boo
     keeps its splits; the others are carved from train by `prepare`.
     """
     image_mode(channels)
-    classes, parts = scan_folder(path, follow_symlinks)
+    classes, parts = listing or scan_folder(path, follow_symlinks)
     order = [part for part in ("train", "val", "test") if part in parts]
-    paths = [file for part in order for name in classes for file in parts[part].get(name, [])]
-    labels = [label for part in order for label, name in enumerate(classes) for _ in parts[part].get(name, [])]
-    which = [part for part in order for name in classes for _ in parts[part].get(name, [])]
-    images, kept = decode_images(paths, channels, image_size, skip_bad_images, out)
-    skipped = [file for file, ok in zip(paths, kept) if not ok]
+    entries = [(part, label, file) for part in order for label, name in enumerate(classes)
+               for file in parts[part].get(name, [])]
+    images, kept = decode_images([file for _, _, file in entries], channels, image_size, skip_bad_images, out)
+    skipped = [file for (_, _, file), ok in zip(entries, kept) if not ok]
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s) in {path} (first: {skipped[0]})", file=sys.stderr)
-    found = {part: torch.tensor([label for label, ok, p in zip(labels, kept, which) if ok and p == part],
+    found = {part: torch.tensor([label for (p, label, _), ok in zip(entries, kept) if ok and p == part],
                                 dtype=torch.int64) for part in order}
     emptied = sorted(set(range(len(classes))) - set(found["train"].tolist()))
     if emptied:
@@ -541,8 +545,7 @@ def split_folders(root: Path) -> dict[str, Path]:
     return named
 
 
-def scan_folder(root: Path, follow_symlinks: bool = False
-                ) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
+def scan_folder(root: Path, follow_symlinks: bool = False) -> Listing:
     """(classes, {split: {class: image files}}) of an image folder: what `prepare` decodes and `download` tracks.
 
     A plain class folder is all "train"; one with train/ (and val/, test/)
@@ -587,7 +590,7 @@ def folder_manifest(folder: Path, follow_symlinks: bool = False) -> dict:
     """Every image of an image folder with its size and MD5: what DVC tracks for a folder outside the repo."""
     _, parts = scan_folder(folder, follow_symlinks)
     return {"source": str(folder.resolve()),
-            "files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "md5": calculate_md5(str(p))}
+            "files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "md5": files.file_digest(p)}
                       for part in parts.values() for paths in part.values() for p in paths}}
 
 
@@ -648,7 +651,7 @@ def decode_images(paths: list[Path], channels: int, image_size: int, skip_bad_im
 @contextlib.contextmanager
 def _pool(n: int):
     """An ordered map: worker processes for large jobs (forked on Linux, where that is cheap), else in-process."""
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = processes.available_cores()
     if n < PARALLEL_FROM or workers < 2:
         yield map
         return

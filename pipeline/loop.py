@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import distributed, files
+from pipeline import distributed, files, processes
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError, first_line, shorten
 from pipeline.metrics import EpochMetrics, is_better, worst
@@ -60,20 +60,19 @@ class NonFiniteLossError(UserError):
 
 # ---------------------------------------------------------------- environment
 
-def thread_count(requested: int | None, processes: int, available: int, env: str | None) -> int:
-    """CPU threads for one of `processes` training at once: `requested`, else an equal share of the `available`
-    cores (at most OMP_NUM_THREADS, `env`, when set). Each process taking every core oversubscribes them: a CNN
-    epoch measured 10-50x slower on a loaded 2-core machine than with one thread."""
+def thread_count(requested: int | None, sharing: int, available: int, env: str | None) -> int:
+    """CPU threads for one of `sharing` processes training at once: `requested`, else an equal share of the
+    `available` cores (at most OMP_NUM_THREADS, `env`, when set). Each process taking every core oversubscribes
+    them: a CNN epoch measured 10-50x slower on a loaded 2-core machine than with one thread."""
     if requested:
         return requested
-    share = max(1, available // max(1, processes))
+    share = max(1, available // max(1, sharing))
     return min(share, int(env)) if env and env.isdigit() and int(env) > 0 else share
 
 
-def set_threads(requested: int | None, processes: int = 1) -> int:
+def set_threads(requested: int | None, sharing: int = 1) -> int:
     """Pin torch's CPU threads for this process (see `thread_count`); returns the number."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = thread_count(requested, processes, available, os.environ.get("OMP_NUM_THREADS"))
+    threads = thread_count(requested, sharing, processes.available_cores(), os.environ.get("OMP_NUM_THREADS"))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads

@@ -86,9 +86,10 @@ class Pretrained(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, size: int, mean: list[float], std: list[float],
-                 freeze_backbone: bool = False, unfreeze_after: int = 0):
+                 freeze_backbone: bool = False, unfreeze_after: int = 0, replaced: str = ""):
         super().__init__()
         self.backbone, self.head, self.size = backbone, head, size
+        self.replaced = replaced  # the backbone's own classifier (a module path): its weights are not loaded
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.freeze_backbone, self.unfreeze_after = freeze_backbone, unfreeze_after
@@ -115,10 +116,15 @@ class Pretrained(nn.Module):
         return self.head(self.backbone((x - self.mean) / self.std))
 
 
-def _pretrained(cfg: ModelConfig, classes: int, backbone: nn.Module, features: int) -> Pretrained:
+def _pretrained(cfg: ModelConfig, classes: int, backbone: nn.Module, classifier: str) -> Pretrained:
+    """`backbone` with its `classifier` (a module path such as "fc") cut off, and a new head for `classes`."""
+    parent_name, _, name = classifier.rpartition(".")
+    parent = backbone.get_submodule(parent_name)
+    features = getattr(parent, name).in_features
+    setattr(parent, name, nn.Identity())
     preprocess = resolve_weights(cfg.name, cfg.weights).transforms()
     return Pretrained(backbone, nn.Linear(features, classes), preprocess.crop_size[0], list(preprocess.mean),
-                      list(preprocess.std), cfg.freeze_backbone, cfg.unfreeze_after)
+                      list(preprocess.std), cfg.freeze_backbone, cfg.unfreeze_after, replaced=classifier)
 
 
 def resnet18(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
@@ -127,9 +133,7 @@ def resnet18(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Module:
     from torchvision.models import resnet18 as tv_resnet18
 
     if cfg.weights:
-        backbone = tv_resnet18(weights=None)
-        features, backbone.fc = backbone.fc.in_features, nn.Identity()
-        return _pretrained(cfg, classes, backbone, features)
+        return _pretrained(cfg, classes, tv_resnet18(weights=None), "fc")
     model = tv_resnet18(weights=None, num_classes=classes)
     model.conv1 = nn.Conv2d(shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
@@ -141,9 +145,7 @@ def mobilenet_v3_small(cfg: ModelConfig, shape: Shape, classes: int) -> nn.Modul
     from torchvision.models import mobilenet_v3_small as tv_mobilenet
 
     if cfg.weights:
-        backbone = tv_mobilenet(weights=None, dropout=cfg.dropout)
-        features, backbone.classifier[-1] = backbone.classifier[-1].in_features, nn.Identity()
-        return _pretrained(cfg, classes, backbone, features)
+        return _pretrained(cfg, classes, tv_mobilenet(weights=None, dropout=cfg.dropout), "classifier.3")
     model = tv_mobilenet(weights=None, num_classes=classes, dropout=cfg.dropout)
     if shape[0] != 3:
         model.features[0][0] = nn.Conv2d(shape[0], 16, kernel_size=3, stride=2, padding=1, bias=False)
@@ -225,8 +227,7 @@ def start_from_weights(model: nn.Module, cfg: ModelConfig) -> None:
     path, sha256 = weights_path(cfg)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        head_keys = {"fc.weight", "fc.bias", "classifier.3.weight", "classifier.3.bias"}  # replaced heads
-        model.backbone.load_state_dict({k: v for k, v in state.items() if k not in head_keys})
+        model.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith(f"{model.replaced}.")})
     except Exception as err:  # noqa: BLE001 - a truncated, foreign or mismatched file is the same user problem
         raise UserError(f"cannot load model.weights from {path}: {first_line(err)}") from None
     model.weights_sha256 = sha256

@@ -13,6 +13,11 @@ import os
 import socket
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's or taskset's share; else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def host() -> str:
     """The name this machine goes by in owners: PIPELINE_HOSTNAME (for machines that share a hostname, e.g.
     containers), else the hostname."""

@@ -83,12 +83,14 @@ def prepare(cfg: Config) -> None:
         def images_file() -> Path:
             return stack.enter_context(files.atomic_path(out / data.IMAGES_FILE))
 
-        if cfg.data.name == "folder" and datasets.folder_bytes(cfg.data) > limit:
+        listing = datasets.scan_folder(Path(cfg.data.path), cfg.data.follow_symlinks) \
+            if cfg.data.name == "folder" else None
+        if listing and datasets.folder_bytes(listing, cfg.data) > limit:
             images_path = images_file()
             with open(images_path, "wb") as stream:
-                raw = datasets.load(cfg.data, root, out=stream)
+                raw = datasets.load(cfg.data, root, out=stream, listing=listing)
         else:
-            raw = datasets.load(cfg.data, root)
+            raw = datasets.load(cfg.data, root, listing=listing)
             parts = [part for part in (raw.train_images, raw.val_images, raw.test_images) if part is not None]
             images_path = images_file() if sum(part.numel() for part in parts) > limit else None
             if images_path:  # a downloaded dataset fits in memory while prepared, not beside training

@@ -22,7 +22,6 @@ What a run shows must be true:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
@@ -39,7 +38,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import paths, processes
+from pipeline import files, paths, processes
 from pipeline.config import Config, TrackingConfig
 from pipeline.errors import UserError, first_line, redact
 from pipeline.loop import Callback
@@ -235,10 +234,6 @@ def _dvc_locked_md5(path: str) -> str | None:
     return None
 
 
-def file_md5(path: Path) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
-
 # ---------------------------------------------------------------- runs
 
 class RunMetrics(Callback):
@@ -369,7 +364,7 @@ class TrackedRun:
 
         import pipeline
 
-        self.set_tags({"model.md5": file_md5(model_file)})
+        self.set_tags({"model.md5": files.file_digest(model_file)})
         # The logged model belongs to the run's experiment (MLflow takes it from the process-global one).
         mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
         info = Model.log(
@@ -424,7 +419,7 @@ def log_test_results(cfg: Config, run_name: str, model_file: Path, metrics: dict
     """Attach test metrics and reports to the latest `run_name` run that produced exactly `model_file` (found by
     its MD5), and to that run's registry versions. Warns instead of failing when there is no such run."""
     client = connect(cfg.tracking)
-    md5 = file_md5(model_file)
+    md5 = files.file_digest(model_file)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment or cfg.data.name)
     query = f"tags.`model.md5` = '{md5}' and tags.`pipeline.role` = '{run_name}'"
     runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"],
