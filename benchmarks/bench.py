@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -41,6 +42,7 @@ from pipeline.config import load_config  # noqa: E402
 
 OUT = REPO / "reports" / "bench" / "results.json"
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+DEFAULT_POPULATION = load_config(REPO / "params.yaml").tune.population  # what `dvc repro` searches with
 
 
 @dataclass
@@ -150,19 +152,14 @@ def cfg_for(model: str, **train):
 
 def our_epoch(cfg, prepared: data.PreparedData, device: torch.device):
     """One training epoch through the shared loop's train_one_epoch, on resident data; returns a timer."""
-    model, train_batches, _ = training.setup(cfg, prepared, device)  # streamed splits: a DataLoader's workers
-    model.to(device)
-    channels_last = loop.uses_channels_last(cfg.train, model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = loop.build_optimizer(model.parameters(), cfg.train)
-    criterion = nn.CrossEntropyLoss()
+    model, train_batches, val_batches = training.setup(cfg, prepared, device)  # streamed: a DataLoader's workers
+    member = loop.Member(model, cfg.train, train_batches, val_batches)
+    loop.start(member, device)  # on the device, in the configured memory format, with its optimizer
     dtype = loop.autocast_dtype(cfg.train.precision, device, loop.has_convolutions(model))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def run() -> float:
         tick = time.perf_counter()
-        loop.train_one_epoch(model, criterion, optimizer, scaler, None, train_batches, cfg.train, dtype, device, 1)
+        loop.train_one_epoch(model, [member], dtype, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - tick
@@ -372,38 +369,78 @@ def compare_tracking(args, prepared: data.PreparedData, device: torch.device) ->
                       note="fixed cost, once per run")]
 
 
-def compare_pruning(args, prepared: data.PreparedData, device: torch.device) -> list[Row]:
-    """The default search with and without pruning: epochs trained, wall time, best validation score."""
+def run_search(prepared: data.PreparedData, overrides: list[str]) -> tuple[float, int, float]:
+    """One untracked search on `prepared` in a throwaway folder: (seconds, epochs trained, best value)."""
     from pipeline import tuning
 
-    results = {}
-    for pruner in ("median", "none"):
-        journal = Path(tempfile.mkdtemp(prefix="bench-tune-")) / "s.journal"
-        cfg = load_config(REPO / "params.yaml", [
-            f"tune.pruner={pruner}", f"tune.storage={journal}", "tracking.enabled=false", "train.device=cpu",
-            *(["tune.n_trials=6", "tune.epochs=4", "tune.startup_trials=2", "tune.warmup_epochs=1"]
-              if args.quick else [])])
-        prepared_dir = journal.parent / "prepared"
-        data.save_prepared(prepared_dir, {"train": prepared.train, "val": prepared.val, "test": prepared.test},
-                           prepared.classes, "bench")
-        tick = time.perf_counter()
-        cwd = os.getcwd()
-        os.chdir(journal.parent)  # the search writes reports/tune/ where it runs
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                record = tuning.tune(cfg, prepared_dir, worker_args=[])
-                study = tuning.open_search(cfg, prepared_dir).study
-        finally:
-            os.chdir(cwd)
-        seconds = time.perf_counter() - tick
-        epochs = sum(len(t.intermediate_values) for t in study.trials)
-        results[pruner] = (seconds, epochs, record["value"])
+    journal = Path(tempfile.mkdtemp(prefix="bench-tune-")) / "s.journal"
+    cfg = load_config(REPO / "params.yaml", [f"tune.storage={journal}", "tracking.enabled=false", *overrides])
+    prepared_dir = journal.parent / "prepared"
+    data.save_prepared(prepared_dir, {"train": prepared.train, "val": prepared.val, "test": prepared.test},
+                       prepared.classes, "bench")
+    tick = time.perf_counter()
+    cwd = os.getcwd()
+    os.chdir(journal.parent)  # the search writes reports/tune/ where it runs
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            record = tuning.tune(cfg, prepared_dir, worker_args=[])
+            study = tuning.open_search(cfg, prepared_dir).study
+    finally:
+        os.chdir(cwd)
+    return time.perf_counter() - tick, sum(len(t.intermediate_values) for t in study.trials), record["value"]
+
+
+def compare_pruning(args, prepared: data.PreparedData, device: torch.device) -> list[Row]:
+    """The default search with and without pruning: epochs trained, wall time, best validation score."""
+    quick = ["tune.n_trials=6", "tune.epochs=4", "tune.startup_trials=2", "tune.warmup_epochs=1"] if args.quick else []
+    results = {pruner: run_search(prepared, [f"tune.pruner={pruner}", f"train.device={device.type}",
+                                             "tune.population=1", *quick])
+               for pruner in ("median", "none")}
     (pruned_s, pruned_epochs, pruned_best), (full_s, full_epochs, full_best) = results["median"], results["none"]
     row = Row("search, pruning", "median pruner", "no pruning", "s/search", [pruned_s], [full_s],
               note=f"epochs {pruned_epochs} vs {full_epochs} ({pruned_epochs / full_epochs:.0%}, target <= 50%); "
-                   f"best val_loss {pruned_best:.4f} vs {full_best:.4f}",
+                   f"best val_loss {pruned_best:.4f} vs {full_best:.4f}; one trial at a time",
               extra={"epochs": [pruned_epochs, full_epochs], "best": [pruned_best, full_best]})
     return [row]
+
+
+def compare_population(args, digits_data: data.PreparedData, mnist: data.PreparedData, device: torch.device
+                       ) -> list[Row]:
+    """The same search (space, seed, trials, epochs, pruner) with one trial at a time vs tune.population trials
+    at once, K swept: wall time and best validation score. Digits: the default search. MNIST-format: a smaller
+    search on a subset, so that it fits the benchmark's time."""
+    gpu = device.type == "cuda"
+    sizes = sorted({1, DEFAULT_POPULATION, *([4] if args.quick else [8, 24] if gpu else [4, 8, 16])})
+    small = ["tune.n_trials=6", "tune.epochs=3", "tune.startup_trials=2", "tune.warmup_epochs=1"]
+    n = 2_000 if args.quick else (10_000 if gpu else 5_000)
+    images, labels = mnist.train.images, mnist.train.labels
+    held_out = data.Split(images[n:n + 2_000], labels[n:n + 2_000])  # val: images the search never trains on
+    subset = dataclasses.replace(prepared_from(images[:n], labels[:n], mnist.num_classes), val=held_out,
+                                 test=held_out)
+    cases = [("digits, cnn", digits_data, ["model.name=cnn"], "the default search"),
+             ("digits, mlp", digits_data, ["model.name=mlp"], "the default search, MLP"),
+             ("MNIST-format, cnn", subset, ["model.name=cnn", "tune.n_trials=12", "tune.epochs=4",
+                                            "tune.startup_trials=3", "tune.warmup_epochs=1"],
+              f"12 trials x 4 epochs on {n:,} images (synthetic blobs: time only, every search nears 0 loss)"),
+             ("MNIST-format, mlp", subset, ["model.name=mlp", "tune.n_trials=12", "tune.epochs=4",
+                                            "tune.startup_trials=3", "tune.warmup_epochs=1"],
+              f"12 trials x 4 epochs on {n:,} images")]
+    rows = []
+    for name, prepared, overrides, what in cases:
+        runs = {size: run_search(prepared, [*overrides, f"tune.population={size}", f"train.device={device.type}",
+                                            *(small if args.quick else [])])
+                for size in sizes}
+        sequential_s, sequential_epochs, sequential_best = runs[1]
+        for size in sizes[1:]:
+            seconds, epochs, best = runs[size]
+            default = name == "digits, cnn" and size == DEFAULT_POPULATION
+            rows.append(Row(f"search, {name}, population {size}", f"{size} trials at once", "one trial at a time",
+                            "s/search", [seconds], [sequential_s],
+                            target=(10.0 if gpu else 1.5) if default or (gpu and "cnn" in name) else None,
+                            note=f"{what}; best val_loss {best:.4g} vs {sequential_best:.4g}; "
+                                 f"epochs {epochs} vs {sequential_epochs}",
+                            extra={"best": [best, sequential_best], "epochs": [epochs, sequential_epochs]}))
+    return rows
 
 
 def compare_pipeline(args) -> list[Row]:
@@ -495,7 +532,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI (checks everything runs)")
     parser.add_argument("--repeats", type=int, default=None, help="measured repetitions per side")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--only", default="data,mlp,lightning,folder,tracking,search,pipeline")
+    parser.add_argument("--only", default=None, help="comma-separated sections (default: every CPU section, and "
+                                                     "the GPU sections where CUDA is available)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless every comparison ran and wrote its numbers (CI; never checks timings)")
@@ -510,7 +548,7 @@ def main() -> int:
     images = dataset.data.unsqueeze(1).contiguous()
     mnist = prepared_from(images, dataset.targets, 10)
     subset = mnist if args.quick else prepared_from(images[:20_000], dataset.targets[:20_000], 10)
-    wanted = set(args.only.split(","))
+    wanted = set(args.only.split(",")) if args.only else None
     rows: list[Row] = []
     sections = [("data", lambda: compare_data_path(args, root, mnist)),
                 ("mlp", lambda: compare_epochs(args, root, mnist, subset, device)),
@@ -518,17 +556,20 @@ def main() -> int:
                 ("folder", lambda: compare_folder(args, device)),
                 ("tracking", lambda: compare_tracking(args, digits(), device)),
                 ("search", lambda: compare_pruning(args, digits(), device)),
+                ("population", lambda: compare_population(args, digits(), mnist, device)),
                 ("pipeline", lambda: compare_pipeline(args))]
     if torch.cuda.is_available():  # the GPU set, on top of the CPU comparisons
         sections.append(("gpu", lambda: compare_gpu(args, torch.device("cuda"))))
-        wanted.add("gpu")
+        sections.append(("gpu-population", lambda: compare_population(args, digits(), mnist, torch.device("cuda"))))
     for name, section in sections:
-        if name in wanted:
+        if wanted is None or name in wanted:
             tick = time.perf_counter()
-            rows += section()
-            print(f"[bench] {name}: {time.perf_counter() - tick:.0f}s", file=sys.stderr, flush=True)
+            done = section()
+            rows += done
+            print(f"[bench] {name}: {time.perf_counter() - tick:.0f}s\n{table(done)}", file=sys.stderr, flush=True)
+    gpu = f" and {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{args.threads} thread(s), device {device}, {'quick' if args.quick else 'default'} sizes")
+              f"{args.threads} thread(s), device {device}{gpu}, {'quick' if args.quick else 'default'} sizes")
     print(header)
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -201,6 +201,9 @@ class TuneConfig(Section):
     startup_trials: int = Field(5, ge=0, description="trials before TPE models and the median pruner acts")
     warmup_epochs: int = Field(3, ge=0, description="epochs a trial runs before it can be pruned")
     workers: int = Field(1, ge=1, description="worker processes on the study")
+    population: int = Field(16, ge=1, le=256, description="trials trained at once by each worker: those of the same "
+                                                         "model widths and batch size in one forward pass; 1 = one "
+                                                         "trial at a time")
     storage: str | None = Field(None, description="Optuna RDB URL (sqlite:///, postgresql://) or a journal file "
                                                   "path; default sqlite:///<repo>/optuna.db")
     heartbeat_interval: int = Field(10, ge=1, description="seconds between heartbeats of running trials (RDB)")
@@ -443,8 +446,9 @@ _SET_BY_SEARCH = {"epochs", "monitor", "resume"}
 # count sums in another order, which bf16 autocast shows at ~1e-3, but the study is the same.)
 _RUNTIME_TUNE = {"workers", "storage", "heartbeat_interval", "grace_period"}
 _RUNTIME_TRIAL = {"threads"}
-# How much of a search to run: a bigger budget continues the same study.
-_BUDGET_TUNE = {"n_trials", "timeout"}
+# How much of a search to run: a bigger budget continues the same study. (A population trains its trials as
+# they would train alone, but asks the sampler at other moments: other trials of the same study.)
+_BUDGET_TUNE = {"n_trials", "timeout", "population"}
 
 
 def _section_keys(section: str, model: type[BaseModel], skip: set[str] = frozenset()) -> list[str]:

@@ -1,5 +1,7 @@
-"""The one training loop: plain training and every Optuna trial go through `fit`.
+"""The one training loop: plain training, every Optuna trial and every population of trials go through it.
 
+`fit` trains one run; `fit_together` trains several at once (one forward pass
+for all, each with its own optimizer and metrics); `fit` is the case of one.
 It knows nothing of MLflow or Optuna. It reports through `Callback` hooks, so
 tracking and pruning plug in from outside. Per step it never syncs with the
 host: losses and hits accumulate on the device and are read once per epoch.
@@ -14,14 +16,15 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline import distributed, files, processes
+from pipeline import distributed, files, processes, stacking
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError, first_line, shorten
 from pipeline.metrics import EpochMetrics, is_better, worst
@@ -249,6 +252,43 @@ class Checkpoints:
 
 # ---------------------------------------------------------------- the loop
 
+@dataclass(eq=False)
+class Member:
+    """One training run: what `fit` trains alone and `fit_together` trains with others.
+
+    The caller gives its model, config, batches, callbacks and resume point;
+    `key` is the caller's own handle (e.g. an Optuna trial). The loop fills in
+    `result` when the run ends normally, or `error` when an exception ended it
+    (a callback's, e.g. a pruned trial, or a diverged loss).
+    """
+
+    model: nn.Module
+    cfg: TrainConfig
+    train_batches: Any
+    val_batches: Any
+    callbacks: Sequence[Callback] = ()
+    checkpoints: Checkpoints | None = None
+    key: Any = None
+    result: FitResult | None = None
+    error: Exception | None = None
+    # the run's training state, set up by `start`
+    optimizer: torch.optim.Optimizer = field(init=False, repr=False)
+    scheduler: Any = field(init=False, default=None, repr=False)
+    step_per_batch: bool = field(init=False, default=False, repr=False)
+    scaler: torch.amp.GradScaler = field(init=False, repr=False)
+    criterion: nn.Module = field(init=False, repr=False)
+    history: list[EpochMetrics] = field(init=False, default_factory=list, repr=False)
+    best_epoch: int = field(init=False, default=0, repr=False)
+    best_score: float = field(init=False, default=math.nan, repr=False)
+    best_state: dict[str, torch.Tensor] = field(init=False, default_factory=dict, repr=False)
+    bad_epochs: int = field(init=False, default=0, repr=False)
+    started: float = field(init=False, default=0.0, repr=False)
+
+    @property
+    def ended(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
 def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: torch.device,
         callbacks: Sequence[Callback] = (), checkpoints: Checkpoints | None = None,
         world: distributed.World = distributed.World()) -> FitResult:
@@ -256,138 +296,262 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
 
     `train_batches`/`val_batches` yield (inputs, labels) already on `device`; the
     train batches also expose `state_dict()`/`load_state_dict()` for their RNG.
+    An exception from a callback (or a diverged loss) ends training and is raised.
     """
+    member = Member(model, cfg, train_batches, val_batches, callbacks, checkpoints)
+    fit_together([member], device, world=world)
+    if member.error is not None:
+        raise member.error
+    return member.result
+
+
+def fit_together(members: list[Member], device: torch.device,
+                 next_members: Callable[[list[Member], int], list[Member]] | None = None,
+                 world: distributed.World = distributed.World()) -> None:
+    """Train several runs at once, each as `fit` would train it alone.
+
+    Runs whose models have the same `stacking.signature` (the same layers and
+    widths), batches per epoch and precision form a group that one forward pass
+    computes; each run keeps its own optimizer, schedule, callbacks, early
+    stopping and resume point, and its per-epoch metrics are its own. Groups (and
+    runs that cannot be fused) take turns, an epoch each. A run leaves when it
+    ends (see `Member`); after every round `next_members(ended, still_training)`
+    is told which runs just ended and may return new runs, which start at their
+    first epoch while the others go on (continuous batching). With several ranks
+    (DistributedDataParallel) there is one run.
+    """
+    running: list[Member] = []
+    ended: list[Member] = []
+    joining = list(members)
+    forwards: dict[tuple[int, ...], tuple[nn.Module, nn.Module]] = {}
+    while True:
+        for member in joining:
+            start(member, device, world)
+            (ended if member.ended else running).append(member)  # a resumed run may be over already
+        if world.distributed and len(running) > 1:
+            raise ValueError("several ranks (DistributedDataParallel) train one run at a time")
+        joining = next_members(ended, len(running)) if next_members else []
+        ended = []
+        if joining:
+            continue
+        if not running:
+            return
+        groups = {tuple(id(member) for member in group): group for group in _groups(running, device)}
+        forwards = {key: forwards.get(key) or _forwards(group, device, world) for key, group in groups.items()}
+        for key, group in groups.items():
+            _train_epoch_together(group, *forwards[key], device, world)
+        ended = [member for member in running if member.ended]
+        running = [member for member in running if not member.ended]
+
+
+def _groups(running: list[Member], device: torch.device) -> list[list[Member]]:
+    """The runs one forward pass computes together: same model signature, batches per epoch, precision and memory
+    format. Runs that cannot be fused (other models, fp16's per-run loss scale, torch.compile) are alone."""
+    groups: dict[Any, list[Member]] = {}
+    for member in running:
+        signature, dtype = stacking.signature(member.model), _dtype(member, device)
+        alone = signature is None or dtype == torch.float16 or member.cfg.compile
+        key = id(member) if alone else (signature, len(member.train_batches), dtype,
+                                        uses_channels_last(member.cfg, member.model))
+        groups.setdefault(key, []).append(member)
+    return list(groups.values())
+
+
+def _forwards(group: list[Member], device: torch.device, world: distributed.World) -> tuple[nn.Module, nn.Module]:
+    """(training forward, evaluating forward) of a group: one run's model (wrapped for DistributedDataParallel and
+    compiled as configured), or a `stacking.Stack` of several."""
+    if len(group) > 1:
+        stack = stacking.Stack([member.model for member in group])
+        return stack, stack
+    model = group[0].model
+    trained = distributed.wrap(model, device, world)  # DistributedDataParallel when there are several ranks
+    forward = torch.compile(trained) if group[0].cfg.compile else trained
+    return forward, model if world.distributed else forward  # every rank evaluates the whole val split alike
+
+
+def _dtype(member: Member, device: torch.device) -> torch.dtype | None:
+    return autocast_dtype(member.cfg.precision, device, has_convolutions(member.model))
+
+
+def start(member: Member, device: torch.device, world: distributed.World = distributed.World()) -> None:
+    """Sets up one run: its model on the device, optimizer, schedule and loss, its resume point if any, and its
+    callbacks' on_fit_start (`fit_together` calls it for every run that joins)."""
+    model, cfg = member.model, member.cfg
     model.to(device)
     if uses_channels_last(cfg, model):
         model.to(memory_format=torch.channels_last)
     set_epoch = getattr(model, "set_epoch", None)  # the model's own schedule (a pretrained backbone's freezing)
     if set_epoch:
         set_epoch(1)  # before DDP wraps it: DDP syncs the parameters that need gradients at that moment
-    trained = distributed.wrap(model, device, world)  # DistributedDataParallel when there are several ranks
-    forward = torch.compile(trained) if cfg.compile else trained
-    judged = model if world.distributed else forward  # every rank evaluates the whole val split alike
-    dtype = autocast_dtype(cfg.precision, device, has_convolutions(model))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    member.scaler = torch.amp.GradScaler(device.type, enabled=_dtype(member, device) == torch.float16)
     # several ranks sum their slice's losses (see train_one_epoch); one process averages as usual
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing,
-                                    reduction="sum" if world.distributed else "mean")
-    optimizer = build_optimizer(parameter_groups(model, cfg), cfg)
-    scheduler, step_per_batch = build_scheduler(optimizer, cfg, len(train_batches))
-
-    history: list[EpochMetrics] = []
-    best_epoch, best_score, best_state, bad_epochs = 0, worst(cfg.monitor), {}, 0
+    member.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing,
+                                           reduction="sum" if world.distributed else "mean")
+    member.optimizer = build_optimizer(parameter_groups(model, cfg), cfg)
+    member.scheduler, member.step_per_batch = build_scheduler(member.optimizer, cfg, len(member.train_batches))
+    member.best_score = worst(cfg.monitor)
+    checkpoints = member.checkpoints
     resumed = checkpoints.load() if (checkpoints and cfg.resume) else None
     if resumed:
         model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        history = [EpochMetrics(**row) for row in resumed["history"]]
-        best_epoch, best_score, best_state = resumed["best_epoch"], resumed["best_score"], resumed["best_state"]
-        bad_epochs = resumed["bad_epochs"]
-        _restore_rng(resumed["rng"], train_batches)
-        print(f"resuming from {checkpoints.path} after epoch {len(history)}", file=sys.stderr)
+        member.optimizer.load_state_dict(resumed["optimizer"])
+        if member.scheduler is not None:
+            member.scheduler.load_state_dict(resumed["scheduler"])
+        member.scaler.load_state_dict(resumed["scaler"])
+        member.history = [EpochMetrics(**row) for row in resumed["history"]]
+        member.best_epoch, member.best_score = resumed["best_epoch"], resumed["best_score"]
+        member.best_state, member.bad_epochs = resumed["best_state"], resumed["bad_epochs"]
+        _restore_rng(resumed["rng"], member.train_batches)
+        print(f"resuming from {checkpoints.path} after epoch {len(member.history)}", file=sys.stderr)
+    for callback in member.callbacks:
+        callback.on_fit_start(model, list(member.history))
+    member.started = time.perf_counter()
+    _end_if_done(member)
 
-    for callback in callbacks:
-        callback.on_fit_start(model, list(history))
-    started = time.perf_counter()
-    stopped_early = False
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        if cfg.patience and bad_epochs >= cfg.patience:
-            stopped_early = True
-            break
-        tick = time.perf_counter()
-        if set_epoch:
+
+def _end_if_done(member: Member) -> None:
+    """All epochs run, or early stopping's patience used up: the run's result."""
+    cfg = member.cfg
+    stopped_early = bool(cfg.patience and member.bad_epochs >= cfg.patience and len(member.history) < cfg.epochs)
+    if len(member.history) < cfg.epochs and not stopped_early:
+        return
+    member.result = FitResult(member.history, member.best_epoch, member.best_score, member.best_state,
+                              stopped_early, time.perf_counter() - member.started)
+    try:
+        for callback in member.callbacks:
+            callback.on_fit_end(member.result)
+    except Exception as err:  # noqa: BLE001 - the run's own failure: the others go on; `fit` raises it
+        member.error = err
+
+
+def _train_epoch_together(members: list[Member], forward: nn.Module, judged: nn.Module, device: torch.device,
+                          world: distributed.World) -> None:
+    """One epoch of every member, then each member's end of epoch: metrics, schedule, best weights, resume point,
+    callbacks. A member whose loss diverged or whose callback raised ends with that error."""
+    dtype = _dtype(members[0], device)
+    tick = time.perf_counter()
+    lrs = []
+    for member in members:
+        epoch = len(member.history) + 1
+        if set_epoch := getattr(member.model, "set_epoch", None):
             set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_accuracy, seen = train_one_epoch(
-            forward, criterion, optimizer, scaler, scheduler if step_per_batch else None,
-            train_batches, cfg, dtype, device, epoch, world)
-        val_loss, val_accuracy = evaluate(judged, val_batches, dtype, device)
+        lrs.append(member.optimizer.param_groups[0]["lr"])
+    trained = train_one_epoch(forward, members, dtype, device, world)
+    # runs fused together share their val batches: same data, and no pretrained weights' own normalisation
+    validated = evaluate(judged, members[0].val_batches, dtype, device, len(members))
+    seconds = time.perf_counter() - tick
+    for member, lr, (train_loss, train_accuracy, seen), (val_loss, val_accuracy) in zip(members, lrs, trained,
+                                                                                       validated):
+        epoch = len(member.history) + 1
         if not math.isfinite(train_loss):
-            raise NonFiniteLossError(f"training loss became {train_loss} in epoch {epoch} (lr={lr:g})")
-        seconds = time.perf_counter() - tick
-        metrics = EpochMetrics(epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds, seen / seconds)
-        history.append(metrics)
-        score = getattr(metrics, cfg.monitor)
-        if scheduler is not None and not step_per_batch:
-            scheduler.step(score) if cfg.scheduler == "plateau" else scheduler.step()
-
-        improved = is_better(cfg.monitor, score, best_score)
-        if improved:
-            best_epoch, best_score, bad_epochs = epoch, score, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        if checkpoints:  # Checkpoints.writer: only one rank writes
-            checkpoints.save({
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "scaler": scaler.state_dict(), "history": [asdict(m) for m in history],
-                "best_epoch": best_epoch, "best_score": best_score, "best_state": best_state,
-                "bad_epochs": bad_epochs, "rng": _capture_rng(train_batches),
-            })
-        for callback in callbacks:
-            callback.on_epoch_end(metrics)
-
-    result = FitResult(history, best_epoch, best_score, best_state, stopped_early, time.perf_counter() - started)
-    for callback in callbacks:
-        callback.on_fit_end(result)
-    return result
+            member.error = NonFiniteLossError(f"training loss became {train_loss} in epoch {epoch} (lr={lr:g})")
+            continue
+        metrics = EpochMetrics(epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds,
+                               seen / seconds)
+        try:
+            _end_epoch(member, metrics)
+        except Exception as err:  # noqa: BLE001 - the run's own failure: the others go on; `fit` raises it
+            member.error = err
+            continue
+        _end_if_done(member)
 
 
-def train_one_epoch(model, criterion, optimizer, scaler, batch_scheduler, batches, cfg: TrainConfig,
-                    dtype, device: torch.device, epoch: int, world: distributed.World = distributed.World()
-                    ) -> tuple[float, float, int]:
-    """One pass over `batches`; returns (mean loss, accuracy, samples), over all ranks when there are several."""
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    hits = torch.zeros((), device=device, dtype=torch.long)
-    seen = torch.zeros((), device=device, dtype=torch.long)
-    for inputs, labels in _progress(batches, f"epoch {epoch}/{cfg.epochs}"):
+def _end_epoch(member: Member, metrics: EpochMetrics) -> None:
+    cfg, epoch = member.cfg, metrics.epoch
+    member.history.append(metrics)
+    score = getattr(metrics, cfg.monitor)
+    if member.scheduler is not None and not member.step_per_batch:
+        member.scheduler.step(score) if cfg.scheduler == "plateau" else member.scheduler.step()
+    if is_better(cfg.monitor, score, member.best_score):
+        member.best_epoch, member.best_score, member.bad_epochs = epoch, score, 0
+        member.best_state = {k: v.detach().to("cpu", copy=True) for k, v in member.model.state_dict().items()}
+    else:
+        member.bad_epochs += 1
+    if member.checkpoints:  # Checkpoints.writer: only one rank writes
+        member.checkpoints.save({
+            "epoch": epoch, "model": member.model.state_dict(), "optimizer": member.optimizer.state_dict(),
+            "scheduler": member.scheduler.state_dict() if member.scheduler is not None else {},
+            "scaler": member.scaler.state_dict(), "history": [asdict(m) for m in member.history],
+            "best_epoch": member.best_epoch, "best_score": member.best_score, "best_state": member.best_state,
+            "bad_epochs": member.bad_epochs, "rng": _capture_rng(member.train_batches),
+        })
+    for callback in member.callbacks:
+        callback.on_epoch_end(metrics)
+
+
+def train_one_epoch(forward: nn.Module, members: list[Member], dtype, device: torch.device,
+                    world: distributed.World = distributed.World()) -> list[tuple[float, float, int]]:
+    """One pass over every member's batches; per member (mean loss, accuracy, samples), over all ranks when there
+    are several. One member: `forward` is its model. Several: a `stacking.Stack` of their models, fed each
+    member's own batch (their epochs may differ: a run that joined later sees its own first epoch)."""
+    forward.train()
+    k = len(members)
+    loss_sum = torch.zeros(k, device=device)
+    hits = torch.zeros(k, device=device, dtype=torch.long)
+    seen = torch.zeros(k, device=device, dtype=torch.long)
+    first = members[0]
+    smoothing = torch.tensor([[member.cfg.label_smoothing] for member in members], device=device)
+    description = f"epoch {len(first.history) + 1}/{first.cfg.epochs}" + (f" ({k} runs)" if k > 1 else "")
+    for batches in _progress(zip(*(member.train_batches for member in members)), description,
+                             len(first.train_batches)):
+        labels = torch.stack([batch[1] for batch in batches]) if k > 1 else batches[0][1][None]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(inputs)
-            loss = criterion(logits, labels)
-            summed = loss.detach().float() * len(labels)
+            logits = forward(torch.stack([batch[0] for batch in batches])) if k > 1 \
+                else forward(batches[0][0])[None]
+            # one run: its own criterion, as always; several: each one's loss, [K], in one go
+            loss = first.criterion(logits[0], labels[0]) if k == 1 else _losses(logits, labels, smoothing)
+            summed = loss.detach().float().reshape(k) * labels.shape[1]
             if world.distributed:
                 # Each rank holds a slice of the global batch, and DDP averages gradients over the ranks: scaled by
                 # ranks / samples in the global batch, the average is the global batch's mean-loss gradient.
-                summed = loss.detach().float()
-                count = torch.tensor(float(len(labels)), device=device)
+                summed = loss.detach().float()[None]
+                count = torch.tensor(float(labels.shape[1]), device=device)
                 loss = loss * world.size / distributed.all_reduce_sum(count, world)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if batch_scheduler is not None:
-            batch_scheduler.step()
+        for member in members:
+            member.optimizer.zero_grad(set_to_none=True)
+        # runs' losses are independent: the sum's gradient is each run's own (fp16 runs train alone)
+        first.scaler.scale(loss.sum()).backward()
+        for member in members:
+            if member.cfg.grad_clip:
+                member.scaler.unscale_(member.optimizer)
+                nn.utils.clip_grad_norm_(member.model.parameters(), member.cfg.grad_clip)
+            member.scaler.step(member.optimizer)
+            member.scaler.update()
+            if member.step_per_batch:
+                member.scheduler.step()
         # Accumulate on the device: a .item() here would stall the GPU every step.
         loss_sum += summed
-        hits += (logits.argmax(dim=1) == labels).sum()
-        seen += len(labels)
+        hits += (logits.argmax(dim=2) == labels).sum(dim=1)
+        seen += labels.shape[1]
     totals = distributed.all_reduce_sum(torch.stack([loss_sum, hits.float(), seen.float()]), world).tolist()
-    loss_total, hit_total, count = totals[0], totals[1], int(totals[2])
-    return loss_total / max(count, 1), hit_total / max(count, 1), count
+    return [(loss / max(count, 1), hit / max(count, 1), int(count)) for loss, hit, count in zip(*totals)]
+
+
+def _losses(logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
+    """Each member's mean cross-entropy with its own label smoothing, in one go: [K, B, classes] -> [K]. The same
+    formula as nn.CrossEntropyLoss(label_smoothing=e): (1 - e) * nll + e * mean over classes of -log p."""
+    log_p = logits.float().log_softmax(dim=2)
+    nll = -log_p.gather(2, labels.unsqueeze(2)).squeeze(2)
+    return ((1 - smoothing) * nll - smoothing * log_p.mean(dim=2)).mean(dim=1)
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches, dtype: torch.dtype | None, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy over `batches`."""
+def evaluate(model: nn.Module, batches, dtype: torch.dtype | None, device: torch.device, k: int = 1
+             ) -> list[tuple[float, float]]:
+    """Per member, mean cross-entropy (no label smoothing) and accuracy over `batches`; `model` is one model
+    (k == 1) or a `stacking.Stack` of k, which sees the same batches."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    hits = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros(k, device=device)
+    hits = torch.zeros(k, device=device, dtype=torch.long)
     seen = 0
     for inputs, labels in batches:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(inputs)
-        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-        hits += (logits.argmax(dim=1) == labels).sum()
+            logits = model(inputs.expand(k, *inputs.shape)) if k > 1 else model(inputs)[None]
+        for i in range(k):
+            loss_sum[i] += nn.functional.cross_entropy(logits[i].float(), labels, reduction="sum")
+        hits += (logits.argmax(dim=2) == labels).sum(dim=1)
         seen += len(labels)
-    return loss_sum.item() / max(seen, 1), hits.item() / max(seen, 1)
+    return [(loss / max(seen, 1), hit / max(seen, 1)) for loss, hit in zip(loss_sum.tolist(), hits.tolist())]
 
 
 @torch.inference_mode()
@@ -401,13 +565,13 @@ def predict(model: nn.Module, batches, device: torch.device) -> tuple[torch.Tens
     return torch.cat(labels).cpu(), torch.cat(probs).cpu()
 
 
-def _progress(batches, description: str):
+def _progress(batches, description: str, total: int):
     """A progress bar on an interactive terminal; nothing extra in CI logs."""
     if not sys.stderr.isatty():
         return batches
     from tqdm import tqdm
 
-    return tqdm(batches, desc=description, leave=False, dynamic_ncols=True)
+    return tqdm(batches, desc=description, total=total, leave=False, dynamic_ncols=True)
 
 
 def _capture_rng(train_batches) -> dict:

@@ -67,7 +67,7 @@ def test_no_import_cycles_between_pipeline_modules():
 
 def test_lower_modules_never_reach_up():
     order = ["errors", "paths", "processes", "metrics", "files", "config", "datasets", "data", "models", "evaluation",
-             "reporting", "distributed", "loop", "tracking", "serving", "training", "tuning", "stages", "commands", "cli"]
+             "reporting", "distributed", "stacking", "loop", "tracking", "serving", "training", "tuning", "stages", "commands", "cli"]
     assert set(order) == {path.stem for path in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
     for rank, module in enumerate(order):
         tree = ast.parse((PACKAGE / f"{module}.py").read_text())

@@ -52,6 +52,28 @@ def test_tune_writes_best_params_with_nested_mlflow_runs(search_repo, tracked_en
     assert final.returncode == 0 and f"using trial {best['trial']}" in final.stdout
 
 
+def test_a_population_search_looks_like_trials_run_one_at_a_time(search_repo, tracked_env):
+    """tune.population trains trials together; the study and MLflow still show one trial, one run, full curves."""
+    repo, storage = search_repo
+    edit_params(repo, {"tune.sampler": "random", "tune.population": 3})
+    result = run_cli("tune", "--set", "tune.n_trials=8", cwd=repo, env=tracked_env)
+    assert result.returncode == 0, result.stderr
+    study = load_only_study(storage)
+    assert len(study.trials) == 8 and all(state in (TrialState.COMPLETE, TrialState.PRUNED) for state in states(study))
+    assert TrialState.PRUNED in states(study)
+    client = mlflow.MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
+    runs = {trial.number: client.get_run(trial.user_attrs["mlflow_run_id"]) for trial in study.trials}
+    for trial in study.trials:
+        run = runs[trial.number]
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == trial.state.name
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in history] == sorted(trial.intermediate_values)
+        assert [m.value for m in history] == [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
+    # trained together: after the startup trials (2) a trial starts before the one before it ends
+    overlaps = [n for n in range(3, 8) if runs[n].info.start_time < runs[n - 1].info.end_time]
+    assert overlaps, "no two trials trained at the same time"
+
+
 def test_the_untuned_settings_are_the_first_trial(search_repo, tracked_env):
     repo, storage = search_repo
     edit_params(repo, {"tune.space": CONTINUOUS, "tracking.enabled": False})

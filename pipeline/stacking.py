@@ -1,0 +1,122 @@
+"""Several same-shaped models as one module: the forward pass of a population of runs (see `loop.fit_together`).
+
+`Stack(models)` takes a batch per member, stacked as [K, B, ...], and returns
+logits [K, B, classes]. Each member keeps its own parameters (so its own
+optimizer and learning rate) and buffers. Models with the same `signature`
+(Sequential models of the zoo's plain layers, with the same widths) are fused
+into one set of kernels for all K members:
+
+- member k's convolution is group k of one grouped convolution (its channels
+  are block k of a [B, K*C, H, W] activation);
+- its BatchNorm is block k of one BatchNorm over K*C channels (statistics stay
+  per member, and the running statistics are written back to each member);
+- its linear layer is batch k of one batched matrix product ([K, B, F] activations);
+- its dropout keeps its own rate.
+
+Other models (ResNets, pretrained backbones) have no signature: the loop trains
+them one after another. Member k computes the operations its model computes
+alone, on its own parameters, so the numbers agree up to float rounding (a
+grouped kernel may sum in another order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FUSED_LAYERS = (nn.Flatten, nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Dropout)
+# per layer type, the settings members must share to be fused (their weights' shapes are compared too)
+_SETTINGS = {nn.Conv2d: ("stride", "padding", "dilation", "groups", "padding_mode"),
+             nn.BatchNorm2d: ("eps", "momentum", "affine", "track_running_stats"),
+             nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+             nn.Flatten: ("start_dim", "end_dim")}
+
+
+def signature(model: nn.Module) -> tuple | None:
+    """What models computed by one Stack share (layer types, settings, weight shapes); None if it cannot be fused."""
+    if not isinstance(model, nn.Sequential) or any(type(layer) not in FUSED_LAYERS for layer in model):
+        return None
+    layers = []
+    for layer in model:
+        if isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) != (1, -1):
+            return None  # the fused layout flattens everything after the batch dimension
+        if isinstance(layer, nn.BatchNorm2d) and not (layer.affine and layer.track_running_stats):
+            return None
+        settings = tuple(getattr(layer, name) for name in _SETTINGS.get(type(layer), ()))
+        layers.append((type(layer).__name__, settings,
+                       tuple(tuple(value.shape) for value in layer.state_dict().values())))
+    return tuple(layers)
+
+
+class Stack(nn.Module):
+    """K models computed as one: input [K, B, ...] (member k's batch at k), output [K, B, classes]."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        if signature(models[0]) is None or any(signature(model) != signature(models[0]) for model in models):
+            raise ValueError("Stack takes Sequential models of the same fusable layers and shapes (see signature)")
+        self.members = nn.ModuleList(models)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        k, b = inputs.shape[:2]
+        h, stacked = inputs, True  # stacked: [K, B, ...]; else channel blocks: [B, K*C, H, W]
+        for layers in zip(*self.members):  # the i-th layer of every member
+            layer = layers[0]
+            if stacked and h.dim() == 5 and isinstance(layer, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)):
+                h, stacked = _channel_blocks(h, layer), False
+            if isinstance(layer, nn.Conv2d):
+                bias = torch.cat([each.bias for each in layers]) if layer.bias is not None else None
+                h = F.conv2d(h, torch.cat([each.weight for each in layers]), bias, layer.stride, layer.padding,
+                             layer.dilation, layer.groups * k)
+            elif isinstance(layer, nn.BatchNorm2d):
+                h = _batch_norm(h, layers)
+            elif isinstance(layer, nn.Linear):
+                weight = torch.stack([each.weight for each in layers]).transpose(1, 2)  # [K, in, out]
+                h = torch.bmm(h, weight) if layer.bias is None else \
+                    torch.baddbmm(torch.stack([each.bias for each in layers]).unsqueeze(1), h, weight)
+            elif isinstance(layer, nn.Flatten):
+                h, stacked = (h.flatten(2) if stacked else h.reshape(b, k, -1).transpose(0, 1)), True
+            elif isinstance(layer, nn.Dropout):
+                h = _dropout(h, [each.p for each in layers], stacked) if layer.training else h
+            else:  # ReLU, MaxPool2d: the same for every member, channel by channel
+                h = layer(h)
+        return h if stacked else h.reshape(b, k, -1).transpose(0, 1)
+
+
+def _channel_blocks(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """[K, B, C, H, W] -> [B, K*C, H, W], in channels_last when the members' weights are (what the loop chose)."""
+    k, b, c, height, width = h.shape
+    blocks = h.transpose(0, 1).reshape(b, k * c, height, width)
+    weight = getattr(layer, "weight", None)
+    if weight is not None and weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) \
+            and not weight.is_contiguous():
+        return blocks.contiguous(memory_format=torch.channels_last)
+    return blocks
+
+
+def _batch_norm(h: torch.Tensor, layers: tuple[nn.BatchNorm2d, ...]) -> torch.Tensor:
+    """One BatchNorm over K*C channels: per-channel statistics are per member already."""
+    layer = layers[0]
+    weight, bias = torch.cat([each.weight for each in layers]), torch.cat([each.bias for each in layers])
+    mean, var = torch.cat([each.running_mean for each in layers]), torch.cat([each.running_var for each in layers])
+    if not layer.training:
+        return F.batch_norm(h, mean, var, weight, bias, False, 0.0, layer.eps)
+    out = F.batch_norm(h, mean, var, weight, bias, True, layer.momentum, layer.eps)  # updates mean/var in place
+    with torch.no_grad():  # each member's running statistics, as its own BatchNorm would have left them
+        torch._foreach_copy_([each.running_mean for each in layers], list(mean.chunk(len(layers))))
+        torch._foreach_copy_([each.running_var for each in layers], list(var.chunk(len(layers))))
+        torch._foreach_add_([each.num_batches_tracked for each in layers], 1)
+    return out
+
+
+def _dropout(h: torch.Tensor, rates: list[float], stacked: bool) -> torch.Tensor:
+    """Inverted dropout with member k's own rate (a member at rate 0 is left exactly as it is)."""
+    if not any(rates):
+        return h
+    k = len(rates)
+    shape = [k] + [1] * (h.dim() - 1) if stacked else [1, k] + [1] * (h.dim() - 1)
+    view = h if stacked else h.unflatten(1, (k, -1))
+    keep = torch.tensor([1.0 - rate for rate in rates], device=h.device, dtype=h.dtype).view(shape)
+    out = view * (torch.rand_like(view) < keep) / keep
+    return out if stacked else out.flatten(1, 2)

@@ -1,0 +1,177 @@
+"""Several runs trained at once through the one loop (`loop.fit_together`, `stacking.Stack`): every run's numbers
+are the numbers it gets alone, and runs join and leave while the others train on."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import loop, stacking, training
+from pipeline.models import build_model
+
+CPU = torch.device("cpu")
+# fp32, no dropout: the same arithmetic alone and together, up to the summation order of grouped kernels
+# (observed: ~1e-7 per epoch on digits). bf16 rounds those orders differently (~1e-3, like another thread count).
+EXACT = {"train.precision": "fp32", "model.dropout": 0.0}
+TOLERANCE = {"rel": 1e-4, "abs": 1e-5}
+# what each run of a population may have of its own
+VARIANTS = [{"train.lr": 1e-3},
+            {"train.lr": 3e-3, "train.optimizer": "sgd", "train.weight_decay": 1e-3, "train.scheduler": "step",
+             "train.step_size": 1, "train.gamma": 0.5},
+            {"train.lr": 2e-3, "train.optimizer": "adamw", "train.label_smoothing": 0.1, "train.scheduler": "onecycle",
+             "train.grad_clip": 0.5},
+            {"train.lr": 5e-4, "train.weight_decay": 1e-4, "train.scheduler": "plateau", "train.patience": 2,
+             "data.augment.crop_padding": 1}]
+# Not rmsprop here: its 1/sqrt(running mean of g^2) turns a 1-ulp difference in a near-zero gradient into an
+# lr-sized step, so its runs drift apart at ~1e-4 per epoch even when every other number agrees.
+
+
+class Pruned(Exception):
+    pass
+
+
+class StopAt(loop.Callback):
+    """Raises after `epoch`, as a pruned trial's callback does."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, metrics):
+        if metrics.epoch == self.epoch:
+            raise Pruned(f"after epoch {metrics.epoch}")
+
+
+def member(cfg, prepared, callbacks=(), device=CPU):
+    model, train_batches, val_batches = training.setup(cfg, prepared, device)
+    return loop.Member(model, cfg.train, train_batches, val_batches, callbacks)
+
+
+def assert_same_history(together, alone):
+    assert len(together) == len(alone)
+    for mine, theirs in zip(together, alone):
+        for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            assert getattr(mine, name) == pytest.approx(getattr(theirs, name), **TOLERANCE), (mine.epoch, name)
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_each_run_of_a_population_gets_the_numbers_it_gets_alone(digits, tiny_cfg, model):
+    cfgs = [tiny_cfg.with_overrides({**EXACT, "model.name": model, **variant}) for variant in VARIANTS]
+    alone = []
+    for cfg in cfgs:
+        model_, train_batches, val_batches = training.setup(cfg, digits, CPU)
+        alone.append(loop.fit(model_, train_batches, val_batches, cfg.train, CPU))
+
+    # two start together; one leaves after epoch 2 (pruned); each time a run ends, a new one joins at its own
+    # first epoch while the other trains on
+    first = [member(cfgs[0], digits), member(cfgs[1], digits, [StopAt(2)])]
+    late, last = member(cfgs[2], digits), member(cfgs[3], digits)
+    for key, each in enumerate([*first, late, last]):
+        each.key = key
+    pending, told = [late, last], []
+
+    def next_members(ended, training_now):
+        told.append(([each.key for each in ended], training_now))
+        return [pending.pop(0)] if ended and pending else []
+
+    loop.fit_together(first, CPU, next_members)
+
+    assert isinstance(first[1].error, Pruned) and first[1].result is None
+    assert len(first[1].history) == 2
+    assert_same_history(first[1].history, alone[1].history[:2])
+    for together, by_itself in ((first[0], alone[0]), (late, alone[2]), (last, alone[3])):
+        assert together.error is None
+        assert_same_history(together.result.history, by_itself.history)
+        assert together.result.best_epoch == by_itself.best_epoch
+        # its own weights (not compared value by value: Adam's step is lr-sized whatever the gradient's size, so
+        # the few weights whose gradient is ~0 move by rounding noise, alone as together)
+        assert together.result.best_state.keys() == by_itself.best_state.keys()
+    # told which run ended and how many still train: 1 after epoch 2, 0 after epoch 3 (late at 1), 2 ... 3 last
+    assert [entry for entry in told if entry[0]] == [([1], 1), ([0], 1), ([2], 1), ([3], 0)]
+
+
+def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cfg):
+    def runs(*overrides):
+        return [member(tiny_cfg.with_overrides({**EXACT, **each}), digits) for each in overrides]
+
+    same = runs({"train.lr": 1e-3}, {"train.lr": 1e-2, "train.optimizer": "sgd"}, {"model.dropout": 0.3})
+    assert [len(group) for group in loop._groups(same, CPU)] == [3]
+    for member_ in same:
+        loop.start(member_, CPU)
+    mixed = runs({}, {"train.batch_size": 32}, {"model.channels": [16, 32]}, {"train.compile": True},
+                 {"train.precision": "bf16"}, {"model.name": "resnet18"}, {})
+    assert sorted(len(group) for group in loop._groups(mixed, CPU)) == [1, 1, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp", "logreg", "digit_recognizer"])
+def test_a_stack_computes_what_its_members_compute(tiny_cfg, model):
+    cfg = tiny_cfg.with_overrides({"model.name": model, "model.dropout": 0.0})
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(build_model(cfg.model, (1, 8, 8), 10))
+    alone = copy.deepcopy(members)
+    stack = stacking.Stack(members)
+    inputs = torch.randn(3, 16, 1, 8, 8)
+    for train in (True, False):
+        stack.train(train)
+        for each in alone:
+            each.train(train)
+        expected = torch.stack([each(x) for each, x in zip(alone, inputs)])
+        torch.testing.assert_close(stack(inputs), expected, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(members, alone):  # BatchNorm's running statistics, per member
+        for (name, value), other in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dropout_keeps_each_members_own_rate(tiny_cfg):
+    models = []
+    for rate in (0.0, 0.5):
+        torch.manual_seed(0)
+        models.append(build_model(tiny_cfg.with_overrides({"model.name": "mlp", "model.dropout": rate}).model,
+                                  (1, 8, 8), 10))
+    alone = copy.deepcopy(models[0]).train()
+    stack = stacking.Stack(models).train()
+    inputs = torch.randn(2, 4096, 1, 8, 8)
+    out = stack(inputs)
+    torch.testing.assert_close(out[0], alone(inputs[0]))  # rate 0: untouched
+    hidden = nn.Sequential(*list(models[1])[:3])(inputs[1])  # member 1's first hidden layer, before dropout
+    dropped = stacking._dropout(hidden[None], [0.5], stacked=True)[0]
+    assert (dropped == 0).float().mean().item() == pytest.approx(0.5 + 0.5 * (hidden == 0).float().mean().item(),
+                                                                 abs=0.02)
+
+
+def test_models_that_cannot_be_fused_are_refused_by_a_stack(tiny_cfg):
+    resnet = build_model(tiny_cfg.with_overrides({"model.name": "resnet18"}).model, (3, 32, 32), 10)
+    assert stacking.signature(resnet) is None
+    cnn = build_model(tiny_cfg.model, (1, 8, 8), 10)
+    wider = build_model(tiny_cfg.with_overrides({"model.channels": [8, 16]}).model, (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="same fusable layers"):
+        stacking.Stack([cnn, wider])
+
+
+@pytest.mark.gpu
+def test_a_population_on_cuda_gets_the_numbers_its_runs_get_alone(digits, tiny_cfg):
+    cuda = torch.device("cuda")
+    allowed = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
+    try:
+        cfgs = [tiny_cfg.with_overrides({**EXACT, "train.device": "cuda", **variant}) for variant in VARIANTS]
+        alone = []
+        for cfg in cfgs:
+            model, train_batches, val_batches = training.setup(cfg, digits, cuda)
+            alone.append(loop.fit(model, train_batches, val_batches, cfg.train, cuda))
+        together = [member(cfg, digits, device=cuda) for cfg in cfgs]
+        loop.fit_together(together, cuda)
+        for mine, theirs in zip(together, alone):
+            assert_same_history(mine.result.history, theirs.history)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allowed
+    # the default format on CUDA (bf16 autocast): rounding differs (another kernel per shape), learning does not
+    cfgs = [tiny_cfg.with_overrides({"train.device": "cuda", "train.epochs": 5, **variant}) for variant in VARIANTS]
+    runs = [member(cfg, digits, device=cuda) for cfg in cfgs]
+    loop.fit_together(runs, cuda)
+    for run, cfg in zip(runs, cfgs):
+        model, train_batches, val_batches = training.setup(cfg, digits, cuda)
+        alone = loop.fit(model, train_batches, val_batches, cfg.train, cuda)
+        assert run.result.best.val_accuracy == pytest.approx(alone.best.val_accuracy, abs=0.05)
