@@ -490,27 +490,30 @@ def train_one_epoch(forward: nn.Module, members: list[Member], dtype, device: to
     hits = torch.zeros(k, device=device, dtype=torch.long)
     seen = torch.zeros(k, device=device, dtype=torch.long)
     first = members[0]
-    smoothing = torch.tensor([[member.cfg.label_smoothing] for member in members], device=device)
+    smoothing = torch.tensor([[member.cfg.label_smoothing] for member in members], device=device) if k > 1 else None
     description = f"epoch {len(first.history) + 1}/{first.cfg.epochs}" + (f" ({k} runs)" if k > 1 else "")
     for batches in _progress(zip(*(member.train_batches for member in members)), description,
                              len(first.train_batches)):
-        labels = torch.stack([batch[1] for batch in batches]) if k > 1 else batches[0][1][None]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = forward(torch.stack([batch[0] for batch in batches])) if k > 1 \
-                else forward(batches[0][0])[None]
-            # one run: its own criterion, as always; several: each one's loss, [K], in one go
-            loss = first.criterion(logits[0], labels[0]) if k == 1 else _losses(logits, labels, smoothing)
-            summed = loss.detach().float().reshape(k) * labels.shape[1]
+            if k == 1:  # one run: its model and its own criterion, as always
+                (inputs, labels), = batches
+                logits = forward(inputs)
+                loss = first.criterion(logits, labels)
+            else:  # each run's batch, stacked [K, B, ...]; each run's loss, [K], in one go
+                labels = torch.stack([batch[1] for batch in batches])
+                logits = forward(torch.stack([batch[0] for batch in batches]))
+                loss = _losses(logits, labels, smoothing)
+            summed = loss.detach().float() * labels.shape[-1]
             if world.distributed:
                 # Each rank holds a slice of the global batch, and DDP averages gradients over the ranks: scaled by
                 # ranks / samples in the global batch, the average is the global batch's mean-loss gradient.
-                summed = loss.detach().float()[None]
-                count = torch.tensor(float(labels.shape[1]), device=device)
+                summed = loss.detach().float()
+                count = torch.tensor(float(len(labels)), device=device)
                 loss = loss * world.size / distributed.all_reduce_sum(count, world)
         for member in members:
             member.optimizer.zero_grad(set_to_none=True)
         # runs' losses are independent: the sum's gradient is each run's own (fp16 runs train alone)
-        first.scaler.scale(loss.sum()).backward()
+        first.scaler.scale(loss if k == 1 else loss.sum()).backward()
         for member in members:
             if member.cfg.grad_clip:
                 member.scaler.unscale_(member.optimizer)
@@ -521,8 +524,8 @@ def train_one_epoch(forward: nn.Module, members: list[Member], dtype, device: to
                 member.scheduler.step()
         # Accumulate on the device: a .item() here would stall the GPU every step.
         loss_sum += summed
-        hits += (logits.argmax(dim=2) == labels).sum(dim=1)
-        seen += labels.shape[1]
+        hits += (logits.argmax(dim=-1) == labels).sum(dim=-1)
+        seen += labels.shape[-1]
     totals = distributed.all_reduce_sum(torch.stack([loss_sum, hits.float(), seen.float()]), world).tolist()
     return [(loss / max(count, 1), hit / max(count, 1), int(count)) for loss, hit, count in zip(*totals)]
 

@@ -103,8 +103,11 @@ def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cf
     assert sorted(len(group) for group in loop._groups(mixed, CPU)) == [1, 1, 1, 1, 1, 2]
 
 
-@pytest.mark.parametrize("model", ["cnn", "mlp", "logreg", "digit_recognizer"])
-def test_a_stack_computes_what_its_members_compute(tiny_cfg, model):
+@pytest.mark.parametrize("model, chunked", [("cnn", False), ("cnn", True), ("mlp", False), ("logreg", False),
+                                           ("digit_recognizer", True)])
+def test_a_stack_computes_what_its_members_compute(tiny_cfg, model, chunked, monkeypatch):
+    if chunked:  # on a CPU, large convolutions are fused a few members at a time: here one by one
+        monkeypatch.setattr(stacking, "CPU_CONV_VALUES", 1)
     cfg = tiny_cfg.with_overrides({"model.name": model, "model.dropout": 0.0})
     members = []
     for seed in range(3):
@@ -119,6 +122,7 @@ def test_a_stack_computes_what_its_members_compute(tiny_cfg, model):
             each.train(train)
         expected = torch.stack([each(x) for each, x in zip(alone, inputs)])
         torch.testing.assert_close(stack(inputs), expected, rtol=1e-5, atol=1e-6)
+    assert stack.chunk == 1 if chunked else stack.chunk >= 3  # one by one, or all three in one call
     for mine, theirs in zip(members, alone):  # BatchNorm's running statistics, per member
         for (name, value), other in zip(mine.state_dict().items(), theirs.state_dict().values()):
             torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6, msg=name)
