@@ -90,6 +90,20 @@ def test_each_run_of_a_population_gets_the_numbers_it_gets_alone(digits, tiny_cf
     assert [entry for entry in told if entry[0]] == [([1], 1), ([0], 1), ([2], 1), ([3], 0)]
 
 
+def test_ctrl_c_stops_the_whole_population(digits, tiny_cfg):
+    """A run's own exception ends that run only; KeyboardInterrupt (Ctrl-C, SIGTERM) ends them all, at once."""
+
+    class Interrupt(loop.Callback):
+        def on_epoch_end(self, metrics):
+            raise KeyboardInterrupt
+
+    runs = [member(tiny_cfg.with_overrides({**EXACT, **variant}), digits) for variant in VARIANTS[:2]]
+    runs[1].callbacks = [Interrupt()]
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit_together(runs, CPU)
+    assert [len(run.history) for run in runs] == [1, 1] and not any(run.ended for run in runs)
+
+
 def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cfg):
     def runs(*overrides):
         return [member(tiny_cfg.with_overrides({**EXACT, **each}), digits) for each in overrides]

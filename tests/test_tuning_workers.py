@@ -33,7 +33,7 @@ def test_four_workers_finish_exactly_n_trials_all_different(search_repo, tracked
 def test_interrupted_search_resumes_with_new_proposals_and_without_repeating_trials(search_repo, tracked_env):
     repo, storage = search_repo
     edit_params(repo, {"tune.epochs": 8, "tune.warmup_epochs": 100, "tune.space": CONTINUOUS,
-                       "tune.sampler": "random", "tune.population": 2})  # slower trials, none pruned, two at once
+                       "tune.sampler": "random", "tune.population": 1})  # slower trials, none pruned, one at a time
     process = start_tune(repo, "--set", "tune.n_trials=6", env=tracked_env)
     deadline = time.monotonic() + 120
     while len(completed(storage)) < 3 and time.monotonic() < deadline:
@@ -51,7 +51,7 @@ def test_interrupted_search_resumes_with_new_proposals_and_without_repeating_tri
     assert {n: complete[n] for n in before} == before  # finished trials kept, not re-run
     assert len(complete) == 6
     assert all(s in (TrialState.COMPLETE, TrialState.FAIL) for s in states(study))
-    assert states(study).count(TrialState.FAIL) <= 2  # at most the trials that were running when it was killed
+    assert states(study).count(TrialState.FAIL) <= 1  # at most the trial that was running when it was killed
     proposals = [tuple(sorted(t.params.items())) for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(set(proposals)) == 6, "the resumed search repeated earlier proposals"
 
