@@ -204,8 +204,11 @@ class TuneConfig(Section):
     population: int = Field(16, ge=1, le=256, description="trials trained at once by each worker: those of the same "
                                                          "model widths and batch size in one forward pass; 1 = one "
                                                          "trial at a time")
-    storage: str | None = Field(None, description="Optuna RDB URL (sqlite:///, postgresql://) or a journal file "
-                                                  "path; default sqlite:///<repo>/optuna.db")
+    storage: str | None = Field(None, description="Optuna RDB URL (sqlite:///, postgresql://), a gRPC storage proxy "
+                                                  "(grpc://host:port) or a journal file path; default "
+                                                  "sqlite:///<repo>/optuna.db")
+    lock: str | None = Field(None, description="grpc:// storage: the postgresql:// URL of the database behind the "
+                                               "proxy, whose advisory lock keeps the study at exactly n_trials")
     heartbeat_interval: int = Field(10, ge=1, description="seconds between heartbeats of running trials (RDB)")
     grace_period: int = Field(60, ge=2, description="a trial without heartbeat this long is stale: failed + retried")
     space: dict[str, SearchDimension] = Field(default_factory=dict)
@@ -444,7 +447,7 @@ _RUNTIME_TRAIN = {"resume"}
 _SET_BY_SEARCH = {"epochs", "monitor", "resume"}
 # Where and how a search runs, not which trials it runs. (A trial's threads follow tune.workers: another thread
 # count sums in another order, which bf16 autocast shows at ~1e-3, but the study is the same.)
-_RUNTIME_TUNE = {"workers", "storage", "heartbeat_interval", "grace_period"}
+_RUNTIME_TUNE = {"workers", "storage", "lock", "heartbeat_interval", "grace_period"}
 _RUNTIME_TRIAL = {"threads"}
 # How much of a search to run: a bigger budget continues the same study. (A population trains its trials as
 # they would train alone, but asks the sampler at other moments: other trials of the same study.)

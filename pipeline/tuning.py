@@ -6,14 +6,16 @@ so. Trials are driven by ask/tell, so any number of processes (and machines)
 can work on one study:
 
 - `StudyLock` (a file lock beside a local storage, an advisory lock inside
-  PostgreSQL) serialises what must happen once: creating the schema and the
+  PostgreSQL, also behind a gRPC storage proxy: `tune.lock`) serialises what
+  must happen once: creating the schema and the
   study, its MLflow parent run, and "count the trials, then start one", which
   keeps the study at exactly `tune.n_trials`;
 - every process draws its own sampler seed from the study (`seed` for the
   first, then a new stream per process), so workers and resumed searches
   propose new params while a single-worker search stays reproducible;
 - a trial whose process died is failed and retried: at once when it ran on
-  this host (its process is gone), after `grace_period` otherwise (heartbeats);
+  this host (its process is gone), after `grace_period` otherwise (heartbeats:
+  Optuna's for RDB storages, this module's `HEARTBEAT` through a gRPC proxy);
 - a run of `tune` finishes whatever the study lacks, waits for trials other
   processes are still running, and fails only if the study cannot complete.
 
@@ -26,6 +28,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +37,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import optuna
 import torch
@@ -48,6 +52,8 @@ TRIAL_FAILURES = (loop.NonFiniteLossError, torch.cuda.OutOfMemoryError)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OWNER = "worker"  # trial user attr: the process running it (see processes.py)
 POLL_S = 2.0  # how often a worker with nothing to start looks again
+GRPC = "grpc://"  # tune.storage through Optuna's gRPC storage proxy
+HEARTBEAT = "pipeline:heartbeat"  # trial system attr: its last sign of life, where the storage has no heartbeats
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from us instead
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -59,6 +65,18 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 
 def storage_url(cfg: TuneConfig) -> str:
     return cfg.storage or paths.default_optuna_storage()
+
+
+def lock_url(cfg: TuneConfig) -> str:
+    """Where the study lock lives: with the storage, or (a gRPC proxy has no lock of its own) in tune.lock, the
+    PostgreSQL database behind the proxy."""
+    url = storage_url(cfg)
+    if not url.startswith(GRPC):
+        return url
+    if not (cfg.lock or "").startswith(("postgresql://", "postgres://", "postgresql+")):
+        raise UserError(f"tune.storage {url}: a gRPC storage proxy has no lock of its own; set tune.lock to the "
+                        "postgresql:// URL of the database behind it (its lock keeps the study at exactly n_trials)")
+    return cfg.lock
 
 
 def _local_file(url: str) -> Path | None:
@@ -130,6 +148,8 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     """An RDB URL (SQLite with a busy timeout, PostgreSQL) or a journal file path; the schema is created once,
     under the storage's lock, however many processes start at the same moment."""
     url = storage_url(cfg)
+    if url.startswith(GRPC):
+        return _grpc_proxy(url)
     local = _local_file(url)
     if local is not None and not local.parent.is_dir():
         raise UserError(f"tune.storage: folder {local.parent} does not exist; create it or fix the path")
@@ -154,6 +174,33 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
         raise
     except Exception as err:  # noqa: BLE001 - SQLAlchemy/driver errors: unreachable server, bad credentials
         raise UserError(f"cannot open tune.storage {redact(url)}: {redact(first_line(err))}") from None
+
+
+def _grpc_proxy(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's gRPC storage proxy at grpc://host:port: many workers, one database connection pool (the
+    proxy's). It has no heartbeats: this pipeline's own (`HEARTBEAT`) stand in for them."""
+    address = urlsplit(url)
+    if not address.hostname or not address.port:
+        raise UserError(f"tune.storage {url}: write a gRPC storage proxy as grpc://host:port")
+    try:
+        socket.create_connection((address.hostname, address.port), timeout=10).close()  # refused: say so at once
+        proxy = optuna.storages.GrpcStorageProxy(host=address.hostname, port=address.port)
+        proxy.wait_server_ready(timeout=30)
+    except ImportError as err:
+        raise UserError(f"tune.storage {url}: gRPC missing ({first_line(err)}); install it with "
+                        "`pip install -e '.[grpc]'`") from None
+    except Exception as err:  # noqa: BLE001 - not listening, not a proxy
+        raise UserError(f"cannot reach the gRPC storage proxy at {url}: {first_line(err)}; start it with "
+                        "optuna.storages.run_grpc_proxy_server (see README)") from None
+    return proxy
+
+
+def _beat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """A sign of life of a running trial: an RDB heartbeat, or the `HEARTBEAT` time through a gRPC proxy."""
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.record_heartbeat(trial_id)
+    elif isinstance(storage, optuna.storages.GrpcStorageProxy):
+        storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
 
 
 # ---------------------------------------------------------------- the study
@@ -261,9 +308,10 @@ def open_search(cfg: Config, prepared_dir: Path) -> Search:
     """Load (or create, once) the study; this process gets its own sampler stream."""
     device = loop.resolve_device(cfg.train.device)
     prepared = data.load_prepared(prepared_dir)
+    where = lock_url(cfg.tune)  # a gRPC proxy without tune.lock is refused before anything is opened
     storage = open_storage(cfg.tune)
     name = study_name(cfg, prepared.md5)
-    lock = StudyLock(storage_url(cfg.tune), name)
+    lock = StudyLock(where, name)
     with lock:
         study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
                                     direction=cfg.tune.direction)
@@ -313,14 +361,16 @@ def _fail_dead_trials(search: Search) -> None:
     study, storage = search.study, search.storage
     optuna.storages.fail_stale_trials(study)  # RDB heartbeats; a no-op for the journal
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    grace = search.cfg.tune.grace_period
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(OWNER, "")
-        if processes.is_dead(owner):
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"its process {owner} died")
+        owner, beat = trial.user_attrs.get(OWNER, ""), trial.system_attrs.get(HEARTBEAT)
+        silent = beat is not None and time.time() - beat > grace  # gRPC proxy: machine clocks agree within seconds
+        if processes.is_dead(owner) or silent:
+            reason = f"no heartbeat for {grace}s" if silent else f"its process {owner} died"
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
             if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                 retry(study, storage.get_trial(trial._trial_id))
-                print(f"[tune] trial {trial.number} FAIL     its process {owner} died; queued for a retry",
-                      flush=True)
+                print(f"[tune] trial {trial.number} FAIL     {reason}; queued for a retry", flush=True)
 
 
 def _next_trial(search: Search) -> optuna.Trial | None | bool:
@@ -335,10 +385,9 @@ def _next_trial(search: Search) -> optuna.Trial | None | bool:
             return False  # the rest are running elsewhere: wait, they may still fail and be retried
         trial = search.study.ask()  # takes a waiting (enqueued or retried) trial first
         trial.set_user_attr(OWNER, processes.identity())
-        if isinstance(search.storage, optuna.storages.RDBStorage):
-            # a first beat at once: Optuna never judges a trial without any heartbeat stale, so one killed before
-            # its first interval would keep the study waiting forever
-            search.storage.record_heartbeat(trial._trial_id)
+        # a first beat at once: a trial without any heartbeat is never judged stale, so one killed before its
+        # first interval would keep the study waiting forever
+        _beat(search.storage, trial._trial_id)
         search.running.add(trial._trial_id)
         return trial
 
@@ -459,10 +508,10 @@ def _past(deadline: float | None) -> bool:
 
 @contextlib.contextmanager
 def heartbeats(search: Search):
-    """Record heartbeats of this process's running trials (RDB storages), as `study.optimize` would."""
+    """Record heartbeats of this process's running trials (RDB storages, gRPC proxy), as `study.optimize` would."""
     storage = search.storage
     interval = search.cfg.tune.heartbeat_interval
-    if not isinstance(storage, optuna.storages.RDBStorage):
+    if not isinstance(storage, (optuna.storages.RDBStorage, optuna.storages.GrpcStorageProxy)):
         yield
         return
     stop = threading.Event()
@@ -471,7 +520,7 @@ def heartbeats(search: Search):
         while not stop.wait(interval):
             for trial_id in list(search.running):
                 with contextlib.suppress(Exception):  # a finished trial's last beat may race its tell
-                    storage.record_heartbeat(trial_id)
+                    _beat(storage, trial_id)
 
     thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
     thread.start()

@@ -142,6 +142,13 @@ CASES = {
                                 process=True),
     "postgres that is not there": Case(["tune", "--set", "tune.storage=postgresql://u:secret@127.0.0.1:9/db"],
                                        "postgresql://u:***@127.0.0.1:9/db", marks=[slow], process=True),
+    "grpc proxy without its lock": Case(["tune", "--set", "tune.storage=grpc://127.0.0.1:9"],
+                                        "a gRPC storage proxy has no lock of its own; set tune.lock", marks=[slow],
+                                        process=True),
+    "grpc proxy that is not there": Case(["tune", "--set", "tune.storage=grpc://127.0.0.1:9", "--set",
+                                          "tune.lock=postgresql://u:secret@127.0.0.1:9/db"],
+                                         "cannot reach the gRPC storage proxy at grpc://127.0.0.1:9", marks=[slow],
+                                         process=True),
     # corrupt state
     "resume point empty": Case(["train", "--model", "cnn"], "is unreadable", setup=resume_point(b""), marks=[slow]),
     "resume point random bytes": Case(["train", "--model", "cnn"], "delete it to train from scratch",

@@ -6,7 +6,9 @@ server's URL and credentials, as separate machines would.
 """
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -126,3 +128,32 @@ def write_png(path: Path) -> None:
     from sklearn.datasets import load_digits
 
     Image.fromarray((load_digits().images[3] * 255 / 16).astype("uint8"), "L").save(path)
+
+
+def test_a_search_through_optunas_grpc_proxy_finishes_exactly_n_trials(services, tmp_path, prepared_template):
+    """Optuna's gRPC storage proxy in front of the same PostgreSQL, as for hundreds of workers: two workers through
+    it, the study lock in PostgreSQL (tune.lock), this pipeline's heartbeats in place of the proxy's missing ones."""
+    database = services["OPTUNA_STORAGE"]
+    os.environ["PGPASSFILE"] = services["PGPASSFILE"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve = ("import sys, optuna; optuna.storages.run_grpc_proxy_server(optuna.storages.RDBStorage(sys.argv[1]), "
+             "host='127.0.0.1', port=int(sys.argv[2]))")
+    proxy = subprocess.Popen([sys.executable, "-c", serve, database, str(port)], env=os.environ)
+    try:
+        repo, env = machine(tmp_path, "behind-a-proxy", services, f"grpc://127.0.0.1:{port}")
+        shutil.copytree(prepared_template, repo / "data" / "prepared")
+        # another study than the four machines' (tune.epochs), and no MLflow: this is about the storage
+        edit_params(repo, {"tune.lock": database, "tune.epochs": 3, "tune.n_trials": 6, "tracking.enabled": False})
+        result = run_cli("tune", "--workers", "2", cwd=repo, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+    name = re.search(r"\[tune\] study (\S+) on grpc://", result.stdout).group(1)
+    study = optuna.load_study(study_name=name, storage=database)  # read directly, behind the proxy's back
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 6 and len(study.trials) == 6
+    assert all("pipeline:heartbeat" in t.system_attrs for t in study.trials)  # beats went through the proxy
