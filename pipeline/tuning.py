@@ -298,6 +298,10 @@ class Search:
     lock: StudyLock
     parent_run_id: str | None = None
     running: set[int] = field(default_factory=set)  # trial ids this process runs (heartbeats)
+    population: int = 0  # trials trained at once: tune.population, halved each time the device runs out of memory
+
+    def __post_init__(self):
+        self.population = self.population or self.cfg.tune.population
 
     def trial_config(self, params: dict[str, Any]) -> Config:
         return self.cfg.with_overrides({**params, "train.epochs": self.cfg.tune.epochs,
@@ -464,7 +468,7 @@ def run_population(search: Search, deadline: float | None) -> bool:
     pruner can stop (measured: +25-75% epochs for the same search).
     """
     tune, open_runs, full = search.cfg.tune, [], False
-    if tune.population > 1 and search.prepared.train.streamed:
+    if search.population > 1 and search.prepared.train.streamed:
         print("[tune] streamed data: trials train one at a time (each member of a population would start its own "
               f"{search.cfg.data.loader_workers} reader process(es))", file=sys.stderr, flush=True)
 
@@ -476,7 +480,7 @@ def run_population(search: Search, deadline: float | None) -> bool:
             if member.error is not None and not isinstance(member.error, (optuna.TrialPruned, *TRIAL_FAILURES)):
                 raise member.error  # not the trial's params: the worker stops (the others are failed below)
         joining = []
-        size = tune.population if not search.prepared.train.streamed else 1  # streamed: one reader per trial
+        size = search.population if not search.prepared.train.streamed else 1  # streamed: one reader per trial
         if size > tune.startup_trials and training < size and _counts(search.study)[0] < tune.startup_trials:
             size = max(1, tune.startup_trials)
         while training + len(joining) < size and not full and not _past(deadline):
@@ -495,6 +499,10 @@ def run_population(search: Search, deadline: float | None) -> bool:
             run.finish(None, err)
         if not isinstance(err, TRIAL_FAILURES):
             raise
+        if isinstance(err, torch.cuda.OutOfMemoryError) and len(open_runs) > 1:
+            search.population = max(1, len(open_runs) // 2)  # its failed trials are not counted: no endless retry
+            print(f"[tune] out of device memory with {len(open_runs)} trials at once: now at most "
+                  f"{search.population}", file=sys.stderr, flush=True)
     finally:
         gc.collect()
         if search.device.type == "cuda":

@@ -8,6 +8,7 @@ import time
 import mlflow
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from conftest import REPO, edit_params, run_cli
@@ -151,3 +152,30 @@ def test_timeout_stops_starting_trials(in_prepared_repo):
     record = tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
     study = optuna.load_study(study_name=record["study"], storage=tuning.open_storage(cfg.tune))
     assert 1 <= len(study.trials) < 1000 and time.monotonic() - started < 60
+
+
+def test_a_population_out_of_device_memory_fails_its_trials_and_halves(in_prepared_repo, monkeypatch, capsys):
+    """Out of GPU memory in a fused step: every trial of the population fails with the reason, the worker goes on
+    with half as many at once (failed trials are not counted, so it would otherwise retry the same size forever)."""
+    from pipeline import loop, paths, tuning
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=mlp", "tune.epochs=2", "tune.n_trials=6", "tune.startup_trials=0", "tune.population=4",
+        f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
+    fit_together, calls = loop.fit_together, []
+
+    def out_of_memory_once(members, device, next_members=None, world=loop.distributed.World()):
+        if not calls:
+            calls.append("oom")
+            next_members([], 0)  # the population fills up, then its first step fails
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fit_together(members, device, next_members, world)
+
+    monkeypatch.setattr(loop, "fit_together", out_of_memory_once)
+    tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
+    study = tuning.open_search(cfg, paths.PREPARED_DIR).study
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 4 and all("out of memory" in t.user_attrs["fail_reason"] for t in failed)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 6
+    assert "out of device memory with 4 trials at once: now at most 2" in capsys.readouterr().err
