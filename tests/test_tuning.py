@@ -179,3 +179,19 @@ def test_a_population_out_of_device_memory_fails_its_trials_and_halves(in_prepar
     assert len(failed) == 4 and all("out of memory" in t.user_attrs["fail_reason"] for t in failed)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 6
     assert "out of device memory with 4 trials at once: now at most 2" in capsys.readouterr().err
+
+
+def test_trials_whose_models_cannot_be_fused_train_one_at_a_time(in_prepared_repo, monkeypatch):
+    """A population of models that cannot share a forward pass (ResNets, pretrained backbones) would only take
+    turns with K models in memory: such trials run one after another whatever tune.population says."""
+    from pipeline import paths, stacking, tuning
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=mlp", "tune.epochs=2", "tune.n_trials=3", "tune.startup_trials=0", "tune.population=4",
+        f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
+    monkeypatch.setattr(stacking, "signature", lambda model: None)  # as for a ResNet
+    tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
+    trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
+    assert len(trials) == 3
+    assert all(later.datetime_start >= earlier.datetime_complete for earlier, later in zip(trials, trials[1:]))
