@@ -54,18 +54,28 @@ class Stack(nn.Module):
 
     def __init__(self, models: list[nn.Module]):
         super().__init__()
-        if signature(models[0]) is None or any(signature(model) != signature(models[0]) for model in models):
+        shared = signature(models[0])
+        if shared is None or any(signature(model) != shared for model in models[1:]):
             raise ValueError("Stack takes Sequential models of the same fusable layers and shapes (see signature)")
         self.members = nn.ModuleList(models)
         self.chunk: int | None = None  # members fused per call, set by the first batch (see `fused_at_once`)
+        # per dropout layer, each member's keep probability: on the device once, not copied there (a host sync on
+        # a GPU) every step; None where every member keeps everything
+        self._keep: dict[int, torch.Tensor | None] | None = None
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.chunk is None:
             self.chunk = fused_at_once(self.members[0], inputs)
+        if self._keep is None:
+            self._keep = {i: torch.tensor([1.0 - each.p for each in layers], device=inputs.device)
+                          if any(each.p for each in layers) else None
+                          for i, layers in enumerate(zip(*self.members)) if isinstance(layers[0], nn.Dropout)}
         members = list(self.members)
         if self.chunk >= len(members):
-            return _fused(members, inputs)
-        return torch.cat([_fused(members[i:i + self.chunk], inputs[i:i + self.chunk])
+            return _fused(members, inputs, self._keep)
+        return torch.cat([_fused(members[i:i + self.chunk], inputs[i:i + self.chunk],
+                                 {layer: None if keep is None else keep[i:i + self.chunk]
+                                  for layer, keep in self._keep.items()})
                           for i in range(0, len(members), self.chunk)])
 
 
@@ -85,11 +95,12 @@ def fused_at_once(model: nn.Sequential, inputs: torch.Tensor) -> int:
 CPU_CONV_VALUES = 2**21
 
 
-def _fused(members: list[nn.Module], inputs: torch.Tensor) -> torch.Tensor:
-    """The members' forward passes as one: input [K, B, ...], output [K, B, classes]."""
+def _fused(members: list[nn.Module], inputs: torch.Tensor, keep: dict[int, torch.Tensor | None]) -> torch.Tensor:
+    """The members' forward passes as one: input [K, B, ...], output [K, B, classes]; `keep`: per dropout layer,
+    each member's keep probability (see Stack)."""
     k, b = inputs.shape[:2]
     h, stacked = inputs, True  # stacked: [K, B, ...]; else channel blocks: [B, K*C, H, W]
-    for layers in zip(*members):  # the i-th layer of every member
+    for index, layers in enumerate(zip(*members)):  # the i-th layer of every member
         layer = layers[0]
         if stacked and h.dim() == 5 and isinstance(layer, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)):
             h, stacked = _channel_blocks(h, layer), False
@@ -106,7 +117,7 @@ def _fused(members: list[nn.Module], inputs: torch.Tensor) -> torch.Tensor:
         elif isinstance(layer, nn.Flatten):
             h, stacked = (h.flatten(2) if stacked else h.reshape(b, k, -1).transpose(0, 1)), True
         elif isinstance(layer, nn.Dropout):
-            h = _dropout(h, [each.p for each in layers], stacked) if layer.training else h
+            h = _dropout(h, keep[index], stacked) if layer.training and keep[index] is not None else h
         else:  # ReLU, MaxPool2d: the same for every member, channel by channel
             h = layer(h)
     return h if stacked else h.reshape(b, k, -1).transpose(0, 1)
@@ -138,13 +149,12 @@ def _batch_norm(h: torch.Tensor, layers: tuple[nn.BatchNorm2d, ...]) -> torch.Te
     return out
 
 
-def _dropout(h: torch.Tensor, rates: list[float], stacked: bool) -> torch.Tensor:
-    """Inverted dropout with member k's own rate (a member at rate 0 is left exactly as it is)."""
-    if not any(rates):
-        return h
-    k = len(rates)
+def _dropout(h: torch.Tensor, keep: torch.Tensor, stacked: bool) -> torch.Tensor:
+    """Inverted dropout with member k's own keep probability `keep[k]` (a member keeping 1 is left exactly as it
+    is)."""
+    k = len(keep)
     shape = [k] + [1] * (h.dim() - 1) if stacked else [1, k] + [1] * (h.dim() - 1)
     view = h if stacked else h.unflatten(1, (k, -1))
-    keep = torch.tensor([1.0 - rate for rate in rates], device=h.device, dtype=h.dtype).view(shape)
+    keep = keep.to(h.dtype).view(shape)
     out = view * (torch.rand_like(view) < keep) / keep
     return out if stacked else out.flatten(1, 2)

@@ -405,7 +405,7 @@ class TrialRun:
         self.params = suggest(trial, search.cfg.tune.space)
         self.cfg = search.trial_config(self.params)
         self.run = self.pruning = None
-        self.fusable = True  # its model can share a forward pass with others (see `start`)
+        self.alone = False  # trains one at a time, whatever tune.population says (see `start`)
         self.tick = time.perf_counter()
         self._closing = contextlib.ExitStack()
         trial.set_user_attr("threads", torch.get_num_threads())  # shapes its numbers (summation order); see config
@@ -415,7 +415,9 @@ class TrialRun:
         search, cfg, trial = self.search, self.cfg, self.trial
         self.tick = time.perf_counter()
         model, train_batches, val_batches = training.setup(cfg, search.prepared, search.device)
-        self.fusable = stacking.signature(model) is not None
+        # a model that cannot share a forward pass (ResNets, pretrained backbones) would only take turns with the
+        # others, K models in memory; streamed data would start a reader per trial
+        self.alone = stacking.signature(model) is None or search.prepared.train.streamed
         self.run = self._closing.enter_context(training.tracked_run(
             cfg, f"{search.study.study_name}-trial-{trial.number:03d}", "trial", search.prepared.md5,
             parent_run_id=search.parent_run_id, finished_on=(optuna.TrialPruned,),
@@ -482,9 +484,7 @@ def run_population(search: Search, deadline: float | None) -> bool:
             if member.error is not None and not isinstance(member.error, (optuna.TrialPruned, *TRIAL_FAILURES)):
                 raise member.error  # not the trial's params: the worker stops (the others are failed below)
         joining = []
-        size = search.population if not search.prepared.train.streamed else 1  # streamed: one reader per trial
-        if any(not run.fusable for run in open_runs):
-            size = 1  # ResNets, pretrained backbones: together they would only take turns, K models in memory
+        size = 1 if any(run.alone for run in open_runs) else search.population
         if size > tune.startup_trials and training < size and _counts(search.study)[0] < tune.startup_trials:
             size = max(1, tune.startup_trials)
         while training + len(joining) < size and not full and not _past(deadline):
@@ -494,8 +494,8 @@ def run_population(search: Search, deadline: float | None) -> bool:
                 break
             open_runs.append(TrialRun(search, trial))
             joining.append(open_runs[-1].start())
-            if not open_runs[-1].fusable:
-                size = 1  # (see above) no more company until it is done
+            if open_runs[-1].alone:
+                size = 1  # no company until it is done
         return joining
 
     try:

@@ -153,8 +153,10 @@ def test_dropout_keeps_each_members_own_rate(tiny_cfg):
     inputs = torch.randn(2, 4096, 1, 8, 8)
     out = stack(inputs)
     torch.testing.assert_close(out[0], alone(inputs[0]))  # rate 0: untouched
+    undropped = copy.deepcopy(models[1]).eval()(inputs[1])
+    assert not torch.allclose(out[1], undropped)  # rate 0.5: the stack dropped some of member 1's units
     hidden = nn.Sequential(*list(models[1])[:3])(inputs[1])  # member 1's first hidden layer, before dropout
-    dropped = stacking._dropout(hidden[None], [0.5], stacked=True)[0]
+    dropped = stacking._dropout(hidden[None], torch.tensor([1 - 0.5]), stacked=True)[0]
     assert (dropped == 0).float().mean().item() == pytest.approx(0.5 + 0.5 * (hidden == 0).float().mean().item(),
                                                                  abs=0.02)
 
