@@ -369,8 +369,12 @@ def _fail_dead_trials(search: Search) -> None:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner, beat = trial.user_attrs.get(OWNER, ""), trial.system_attrs.get(HEARTBEAT)
         silent = beat is not None and time.time() - beat > grace  # gRPC proxy: machine clocks agree within seconds
-        if processes.is_dead(owner) or silent:
-            reason = f"no heartbeat for {grace}s" if silent else f"its process {owner} died"
+        # `_next_trial` names a trial's owner before it lets go of the lock this runs under: a running trial
+        # without one was asked by a process stopped in between (Ctrl-C, SIGTERM, SIGKILL)
+        orphan = OWNER not in trial.user_attrs
+        if processes.is_dead(owner) or silent or orphan:
+            reason = (f"no heartbeat for {grace}s" if silent else "its process stopped before it started"
+                      if orphan else f"its process {owner} died")
             storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
             if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                 retry(study, storage.get_trial(trial._trial_id))

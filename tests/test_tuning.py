@@ -195,3 +195,21 @@ def test_trials_whose_models_cannot_be_fused_train_one_at_a_time(in_prepared_rep
     trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
     assert len(trials) == 3
     assert all(later.datetime_start >= earlier.datetime_complete for earlier, later in zip(trials, trials[1:]))
+
+
+def test_a_trial_asked_by_a_process_stopped_before_naming_itself_is_failed_and_retried(in_prepared_repo):
+    """SIGTERM between Optuna's ask and the owner's name left a RUNNING trial nobody would fail: the study waited
+    forever for it. A running trial without an owner was asked by a stopped process (the lock is held meanwhile)."""
+    from pipeline import paths, tuning
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=logreg", "tune.epochs=1", "tune.n_trials=2", "tune.timeout=30", "tune.population=1",
+        f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
+    search = tuning.open_search(cfg, paths.PREPARED_DIR)
+    search.study.ask()  # what the stopped process left: the trial 0 of params.yaml, RUNNING, no owner
+    assert tuning.run_worker(search), "the study did not complete"
+    states = [t.state for t in search.study.trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
+    orphan, = [t for t in search.study.trials if t.state == TrialState.FAIL]
+    assert orphan.user_attrs["fail_reason"] == "its process stopped before it started"
