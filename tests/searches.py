@@ -3,7 +3,7 @@
 import optuna
 from optuna.trial import TrialState
 
-# lr 1e-6 learns nothing, so the median pruner has something to prune
+# lr 1e-6 learns nothing, so the pruner has something to prune
 TINY_SEARCH = {"comparison": ["logreg"], "model.name": "mlp", "tune.epochs": 3, "tune.startup_trials": 2,
                "tune.warmup_epochs": 1, "tracking.log_models": False,
                "tune.space": {"train.lr": {"choices": [1.0e-6, 3.0e-3]}, "model.dropout": {"low": 0.0, "high": 0.3}}}

@@ -162,3 +162,27 @@ def test_a_planted_pickle_in_a_registered_model_never_runs(trained, tmp_path):
     finally:
         weights.write_bytes(original)
         (store / "python_model.pkl").unlink()
+
+
+def read_interrupted(db: Path) -> None:
+    """Ctrl-C (or SIGTERM) in the middle of a store query: the statement is still open in the frames it unwinds."""
+    import sqlite3
+
+    connection = sqlite3.connect(db)
+    rows = connection.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) "
+                              "SELECT * FROM experiments, n")  # holds SQLite's read lock until it is finished
+    rows.fetchone()
+    raise KeyboardInterrupt
+
+
+def test_a_run_interrupted_in_the_middle_of_a_store_query_is_closed_as_killed(tiny_cfg, tracked_env, tmp_path):
+    from pipeline import tracking
+
+    cfg = tiny_cfg.with_overrides({"tracking.enabled": True})
+    run = tracking.TrackedRun(cfg, "interrupted", "test", "md5")
+    run.closing_tags["why"] = "a test"
+    with pytest.raises(KeyboardInterrupt):  # the interrupt itself, not "database is locked" from the cleanup
+        with run:
+            read_interrupted(tmp_path / "store" / "mlflow.db")
+    closed = MlflowClient(tracked_env["MLFLOW_TRACKING_URI"]).get_run(run.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["why"] == "a test"

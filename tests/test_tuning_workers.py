@@ -66,6 +66,11 @@ def start_tune(repo, *overrides, env=None):
     raise AssertionError(f"tune exited with {process.wait()} before opening its study")
 
 
+def training(storage, space):
+    """A running trial that has all its params (it trains): not one just asked, before its params are sampled."""
+    return [t for t in load_only_study(storage).trials if t.state == TrialState.RUNNING and set(t.params) == set(space)]
+
+
 def completed(storage):
     try:
         return [t for t in load_only_study(storage).trials if t.state == TrialState.COMPLETE]
@@ -85,8 +90,7 @@ def test_a_sigkilled_last_trial_is_failed_retried_and_the_study_finished_by_a_re
     # two trials of a few seconds each: kill the process during the second, the last one, as a power cut would
     process = start_tune(repo, "--set", "tune.n_trials=2")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (len(completed(storage)) == 1
-                                               and TrialState.RUNNING in states(load_only_study(storage))):
+    while time.monotonic() < deadline and not (len(completed(storage)) == 1 and training(storage, CONTINUOUS)):
         time.sleep(0.1)
     process.kill()
     process.wait(timeout=30)
