@@ -80,18 +80,25 @@ class Stack(nn.Module):
 
 
 def fused_at_once(model: nn.Sequential, inputs: torch.Tensor) -> int:
-    """How many members one fused call computes. On a CPU, fusing convolutions pays only while the fused
-    activations stay small (measured here, 2 cores, bf16 + channels_last, batch 64, forward + backward: 16 CNNs on
-    8x8 digits, 2M values at the first convolution's output, 1.04x faster fused; 16 on 16x16, 8M, 0.54x; 4 on 28x28,
-    6M, 0.88x), so there they are fused in chunks of at most CPU_CONV_VALUES; linear layers gained at every size
-    measured (1.1-1.9x), and a GPU gains from fusing everything."""
+    """How many members one fused call computes, for inputs [K, B, C, H, W] (see `members_per_call`)."""
+    return min(len(inputs), members_per_call(model, inputs.shape[1], tuple(inputs.shape[-2:]), inputs.device))
+
+
+def members_per_call(model: nn.Sequential, batch_size: int, image_size: tuple[int, int], device: torch.device
+                     ) -> int:
+    """How many same-shaped members one fused forward pass should compute (at most; a GPU: all of them).
+
+    On a CPU, fusing convolutions pays only while the fused activations stay small (measured here, 2 cores,
+    bf16 + channels_last, batch 64, forward + backward: 16 CNNs on 8x8 digits, 2M values at the first
+    convolution's output, 1.04x faster fused; 16 on 16x16, 8M, 0.54x; 4 on 28x28, 6M, 0.88x), so there they are
+    fused in chunks of at most CPU_CONV_VALUES; linear layers gained at every size measured (1.1-1.9x)."""
     first = next((layer for layer in model if isinstance(layer, nn.Conv2d)), None)
-    if inputs.device.type != "cpu" or first is None:
-        return len(inputs)
-    per_member = inputs.shape[1] * first.out_channels * inputs.shape[-2] * inputs.shape[-1]
-    return max(1, CPU_CONV_VALUES // per_member)
+    if device.type != "cpu" or first is None:
+        return ALL
+    return max(1, CPU_CONV_VALUES // (batch_size * first.out_channels * image_size[0] * image_size[1]))
 
 
+ALL = 2**31 - 1  # no limit
 CPU_CONV_VALUES = 2**21
 
 

@@ -420,9 +420,12 @@ class TrialRun:
         search, cfg, trial = self.search, self.cfg, self.trial
         self.tick = time.perf_counter()
         model, train_batches, val_batches = training.setup(cfg, search.prepared, search.device)
-        # a model that cannot share a forward pass (ResNets, pretrained backbones) would only take turns with the
-        # others, K models in memory; streamed data would start a reader per trial
-        self.alone = stacking.signature(model) is None or search.prepared.train.streamed
+        # a model that cannot share a forward pass (ResNets, pretrained backbones), or that this device computes
+        # one member at a time (a CPU, large images: `stacking.members_per_call`), would only take turns with the
+        # others, K models in memory, and widen the search for nothing; streamed data would start a reader per trial
+        self.alone = (stacking.signature(model) is None or search.prepared.train.streamed
+                      or stacking.members_per_call(model, cfg.train.batch_size, search.prepared.input_shape[1:],
+                                                   search.device) == 1)
         self.run = self._closing.enter_context(training.tracked_run(
             cfg, f"{search.study.study_name}-trial-{trial.number:03d}", "trial", search.prepared.md5,
             parent_run_id=search.parent_run_id, finished_on=(optuna.TrialPruned,),

@@ -181,16 +181,21 @@ def test_a_population_out_of_device_memory_fails_its_trials_and_halves(in_prepar
     assert "out of device memory with 4 trials at once: now at most 2" in capsys.readouterr().err
 
 
-def test_trials_whose_models_cannot_be_fused_train_one_at_a_time(in_prepared_repo, monkeypatch):
-    """A population of models that cannot share a forward pass (ResNets, pretrained backbones) would only take
-    turns with K models in memory: such trials run one after another whatever tune.population says."""
+@pytest.mark.parametrize("why", ["cannot share a forward pass", "one member per fused call on this device"])
+def test_trials_whose_models_cannot_be_fused_train_one_at_a_time(in_prepared_repo, monkeypatch, why):
+    """A population of models that cannot share a forward pass (ResNets, pretrained backbones), or that this device
+    would compute one member at a time (a CPU, large images), would only take turns with K models in memory: such
+    trials run one after another whatever tune.population says."""
     from pipeline import paths, stacking, tuning
     from pipeline.config import load_config
 
     cfg = load_config(REPO / "params.yaml", [
-        "model.name=mlp", "tune.epochs=2", "tune.n_trials=3", "tune.startup_trials=0", "tune.population=4",
+        "model.name=cnn", "tune.epochs=2", "tune.n_trials=3", "tune.startup_trials=0", "tune.population=4",
         f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
-    monkeypatch.setattr(stacking, "signature", lambda model: None)  # as for a ResNet
+    if why == "cannot share a forward pass":
+        monkeypatch.setattr(stacking, "signature", lambda model: None)  # as for a ResNet
+    else:  # as for 28x28 images on this CPU (64 x 32 channels x 784 pixels > CPU_CONV_VALUES): here for any size
+        monkeypatch.setattr(stacking, "CPU_CONV_VALUES", 1)
     tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
     trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
     assert len(trials) == 3
