@@ -56,6 +56,39 @@ def test_interrupted_search_resumes_with_new_proposals_and_without_repeating_tri
     assert len(set(proposals)) == 6, "the resumed search repeated earlier proposals"
 
 
+def test_sigterm_during_a_population_keeps_finished_trials_and_marks_the_interrupted_ones(search_repo, tracked_env):
+    """SIGTERM while a population trains: the trials that finished keep their values and FINISHED runs; those
+    still training are failed in the study and their runs KILLED, as a sequential search leaves them; a re-run
+    finishes the study without re-running the finished ones."""
+    repo, storage = search_repo
+    edit_params(repo, {"model.name": "cnn", "tune.epochs": 40, "tune.warmup_epochs": 100, "tune.startup_trials": 0,
+                       "tune.space": CONTINUOUS, "tune.sampler": "random", "tune.population": 3})
+    process = start_tune(repo, "--set", "tune.n_trials=6", env=tracked_env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (completed(storage) and len(training(storage, CONTINUOUS)) >= 2):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode == 143
+    study = load_only_study(storage)
+    finished = {t.number: t.value for t in study.trials if t.state == TrialState.COMPLETE}
+    interrupted = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert finished and len(interrupted) >= 2 and TrialState.RUNNING not in states(study)
+    client = mlflow.MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert run.info.status == ("FINISHED" if trial.state == TrialState.COMPLETE else "KILLED")
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == len(trial.intermediate_values)
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+
+    result = run_cli("tune", "--set", "tune.n_trials=6", cwd=repo, env=tracked_env)
+    assert result.returncode == 0, result.stderr
+    study = load_only_study(storage)
+    assert {n: t.value for n, t in enumerate(study.trials) if n in finished} == finished
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 6
+
+
 def start_tune(repo, *overrides, env=None):
     """A `tune` process, returned once its storage and study exist (polling them earlier would race their creation)."""
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", *overrides], cwd=repo, text=True,
