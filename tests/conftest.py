@@ -168,6 +168,19 @@ def services(tmp_path_factory):
         services.stop(directory)
 
 
+@pytest.fixture(autouse=True)
+def mlflow_uris_restored():
+    """`tracking.connect` points MLflow's process-wide tracking and registry URIs at the store (what a stage process
+    wants); a test that runs it in this process must not leave them to the next test of its worker, whose fluent
+    `mlflow.search_runs` would read the wrong store."""
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # back to MLFLOW_TRACKING_URI / the default
+        mlflow.set_registry_uri(None)
+
+
 @pytest.fixture
 def tracked_env(tmp_path: Path, monkeypatch) -> dict:
     """MLFLOW_TRACKING_URI pointing at a real, empty SQLite store of this test (also for this process)."""
