@@ -486,9 +486,11 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
         # The default search, judged: with three seeds (a search's speed depends on which trials it happens to
         # prune), and its best scores compared within the noise of retraining the sequential best params.
         seeds = [seed] if args.quick or not default else [seed, seed + 1, seed + 2]
-        runs = {size: [run_search(prepared, [*common, f"tune.population={size}", f"seed={each}"])
-                       for each in (seeds if size in (1, DEFAULT_POPULATION) else seeds[:1])]
-                for size in sizes}
+        runs: dict[int, list[SearchRun]] = {size: [] for size in sizes}
+        for i, each in enumerate(seeds):  # interleaved: the sizes of one seed run back to back, in turns first
+            for size in sizes if i % 2 == 0 else sizes[::-1]:
+                if i == 0 or size in (1, DEFAULT_POPULATION):
+                    runs[size].append(run_search(prepared, [*common, f"tune.population={size}", f"seed={each}"]))
         sequential = runs[1]
         noise = statistics.stdev(retrained(prepared, sequential[0], common, 2 if args.quick else 5)) \
             if default else None
