@@ -512,6 +512,10 @@ def run_population(search: Search, deadline: float | None) -> bool:
         traceback.clear_frames(err.__traceback__)  # an open storage query's read lock would block the tells
         for run in open_runs:
             run.finish(None, err)
+        for trial_id in list(search.running):  # asked, but interrupted before it became a TrialRun
+            search.storage.set_trial_user_attr(trial_id, "fail_reason", f"stopped before it started: {first_line(err)}")
+            search.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            search.running.discard(trial_id)
         if not isinstance(err, TRIAL_FAILURES):
             raise
         if isinstance(err, torch.cuda.OutOfMemoryError) and len(open_runs) > 1:

@@ -218,3 +218,29 @@ def test_a_trial_asked_by_a_process_stopped_before_naming_itself_is_failed_and_r
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
     orphan, = [t for t in search.study.trials if t.state == TrialState.FAIL]
     assert orphan.user_attrs["fail_reason"] == "its process stopped before it started"
+
+
+def test_a_trial_interrupted_between_its_ask_and_its_start_is_failed_with_the_population(in_prepared_repo,
+                                                                                         monkeypatch):
+    """Ctrl-C (or SIGTERM) while a joining trial samples its params: it is failed with the trials that were
+    training, not left RUNNING for the next process to judge dead."""
+    from pipeline import paths, tuning
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=logreg", "tune.epochs=1", "tune.n_trials=4", "tune.population=2", "tune.startup_trials=0",
+        f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
+    search = tuning.open_search(cfg, paths.PREPARED_DIR)
+    suggest = tuning.suggest
+
+    def interrupted_at_the_third(trial, space):
+        if trial.number == 2:
+            raise KeyboardInterrupt
+        return suggest(trial, space)
+
+    monkeypatch.setattr(tuning, "suggest", interrupted_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.run_worker(search)
+    third = search.study.trials[2]
+    assert third.state == TrialState.FAIL and third.user_attrs["fail_reason"].startswith("stopped before it started")
+    assert TrialState.RUNNING not in [t.state for t in search.study.trials] and not search.running
