@@ -304,9 +304,11 @@ class Search:
     def __post_init__(self):
         self.population = self.population or self.cfg.tune.population
 
-    def trial_config(self, params: dict[str, Any]) -> Config:
-        return self.cfg.with_overrides({**params, "train.epochs": self.cfg.tune.epochs,
-                                        "train.monitor": self.cfg.tune.metric, "train.resume": False})
+
+def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
+    """What a trial with `params` trains: tune.epochs, judged on tune.metric, never resumed."""
+    return cfg.with_overrides({**params, "train.epochs": cfg.tune.epochs, "train.monitor": cfg.tune.metric,
+                               "train.resume": False})
 
 
 def open_search(cfg: Config, prepared_dir: Path) -> Search:
@@ -376,10 +378,15 @@ def _fail_dead_trials(search: Search) -> None:
         if processes.is_dead(owner) or silent or orphan:
             reason = (f"no heartbeat for {grace}s" if silent else "its process stopped before it started"
                       if orphan else f"its process {owner} died")
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            if _fail(storage, trial._trial_id, reason):
                 retry(study, storage.get_trial(trial._trial_id))
                 print(f"[tune] trial {trial.number} FAIL     {reason}; queued for a retry", flush=True)
+
+
+def _fail(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
+    """Fail a running trial, saying why; False if it had finished meanwhile."""
+    storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+    return storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _next_trial(search: Search) -> optuna.Trial | None | bool:
@@ -408,7 +415,7 @@ class TrialRun:
     def __init__(self, search: Search, trial: optuna.Trial):
         self.search, self.trial = search, trial
         self.params = suggest(trial, search.cfg.tune.space)
-        self.cfg = search.trial_config(self.params)
+        self.cfg = trial_config(search.cfg, self.params)
         self.run = self.pruning = None
         self.alone = False  # trains one at a time, whatever tune.population says (see `start`)
         self.tick = time.perf_counter()
@@ -513,8 +520,7 @@ def run_population(search: Search, deadline: float | None) -> bool:
         for run in open_runs:
             run.finish(None, err)
         for trial_id in list(search.running):  # asked, but interrupted before it became a TrialRun
-            search.storage.set_trial_user_attr(trial_id, "fail_reason", f"stopped before it started: {first_line(err)}")
-            search.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            _fail(search.storage, trial_id, f"stopped before it started: {first_line(err)}")
             search.running.discard(trial_id)
         if not isinstance(err, TRIAL_FAILURES):
             raise
