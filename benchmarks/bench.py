@@ -43,7 +43,8 @@ from pipeline.config import load_config  # noqa: E402
 
 OUT = REPO / "reports" / "bench" / "results.json"
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-DEFAULT_POPULATION = load_config(REPO / "params.yaml").tune.population  # what `dvc repro` searches with
+DEFAULTS = load_config(REPO / "params.yaml")  # what `dvc repro` runs with
+DEFAULT_POPULATION = DEFAULTS.tune.population
 
 
 @dataclass
@@ -422,19 +423,20 @@ def run_search(prepared: data.PreparedData, overrides: list[str]) -> SearchRun:
                      record["value"], record["params"])
 
 
-def retrained(prepared: data.PreparedData, search: SearchRun, overrides: list[str], seeds: int) -> list[float]:
-    """The best trial's params trained again as a trial (tune.epochs, tune.metric), once per seed: how far a
-    search's best score moves by luck alone (initial weights, batch order, dropout), the noise two searches'
-    best scores are compared within."""
+def retrain_noise(prepared: data.PreparedData, search: SearchRun, overrides: list[str], seeds: int) -> float:
+    """How far a search's best score moves by luck alone (initial weights, batch order, dropout): the stdev of the
+    best trial's params trained again as a trial, once per other seed. Two searches' best scores are compared
+    within it."""
+    from pipeline import tuning
+
     cfg = load_config(REPO / "params.yaml", ["tracking.enabled=false", *overrides])
     values = []
     for seed in range(1, seeds + 1):
-        trial = cfg.with_overrides({**search.params, "seed": cfg.seed + seed, "train.epochs": cfg.tune.epochs,
-                                    "train.monitor": cfg.tune.metric, "train.resume": False})
+        trial = tuning.trial_config(cfg, {**search.params, "seed": cfg.seed + seed})
         device = loop.resolve_device(trial.train.device)
         model, *batches = training.setup(trial, prepared, device)
         values.append(loop.fit(model, *batches, trial.train, device, []).best_score)
-    return values
+    return statistics.stdev(values)
 
 
 def compare_pruning(args, prepared: data.PreparedData, device: torch.device) -> list[Row]:
@@ -442,9 +444,9 @@ def compare_pruning(args, prepared: data.PreparedData, device: torch.device) -> 
     and the best validation score, within the noise of retraining the unpruned search's best params."""
     quick = ["tune.n_trials=6", "tune.epochs=4", "tune.startup_trials=2", "tune.warmup_epochs=1"] if args.quick else []
     common = [f"train.device={device.type}", "tune.population=1", *quick]
-    pruner = load_config(REPO / "params.yaml").tune.pruner
+    pruner = DEFAULTS.tune.pruner
     pruned, full = run_search(prepared, common), run_search(prepared, ["tune.pruner=none", *common])
-    noise = statistics.stdev(retrained(prepared, full, common, 2 if args.quick else 5))
+    noise = retrain_noise(prepared, full, common, 2 if args.quick else 5)
     within = abs(pruned.best - full.best) <= noise
     row = Row("search, pruning", f"{pruner} pruner", "no pruning", "epochs/search", [pruned.epochs], [full.epochs],
               target=2.0, condition=within,
@@ -478,7 +480,7 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
              ("MNIST-format, mlp", subset, ["model.name=mlp", "tune.n_trials=12", "tune.epochs=4",
                                             "tune.startup_trials=3", "tune.warmup_epochs=1"],
               f"12 trials x 4 epochs on {n:,} images")]
-    seed = load_config(REPO / "params.yaml").seed
+    seed = DEFAULTS.seed
     rows = []
     for name, prepared, overrides, what in cases[::2] if args.quick else cases:  # quick: the CNNs
         common = [*overrides, f"train.device={device.type}", *(small if args.quick else [])]
@@ -492,8 +494,7 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
                 if i == 0 or size in (1, DEFAULT_POPULATION):
                     runs[size].append(run_search(prepared, [*common, f"tune.population={size}", f"seed={each}"]))
         sequential = runs[1]
-        noise = statistics.stdev(retrained(prepared, sequential[0], common, 2 if args.quick else 5)) \
-            if default else None
+        noise = retrain_noise(prepared, sequential[0], common, 2 if args.quick else 5) if default else None
         for size in sizes[1:]:
             population = runs[size]
             paired = list(zip(population, sequential))
