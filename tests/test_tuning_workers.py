@@ -66,9 +66,11 @@ def test_sigterm_during_a_population_keeps_finished_trials_and_marks_the_interru
     process = start_tune(repo, "--set", "tune.n_trials=6", env=tracked_env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        started = [t for t in training(storage, CONTINUOUS) if "mlflow_run_id" in t.user_attrs]
-        if completed(storage) and len(started) >= 2:
-            break  # a population trains, after a trial of it finished
+        # mid-way: not a trial of the first population that is being told it finished, all 40 epochs done
+        midway = [t for t in training(storage, CONTINUOUS)
+                  if "mlflow_run_id" in t.user_attrs and 1 <= len(t.intermediate_values) < 40]
+        if completed(storage) and len(midway) >= 2:
+            break  # a population trains, after a trial of the search finished
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
