@@ -86,20 +86,23 @@ def fused_at_once(model: nn.Sequential, inputs: torch.Tensor) -> int:
 
 def members_per_call(model: nn.Sequential, batch_size: int, image_size: tuple[int, int], device: torch.device
                      ) -> int:
-    """How many same-shaped members one fused forward pass should compute (at most; a GPU: all of them).
+    """How many same-shaped members one fused forward pass should compute: all of them, or (on a CPU, large
+    convolutions) one at a time.
 
-    On a CPU, fusing convolutions pays only while the fused activations stay small (measured here, 2 cores,
-    bf16 + channels_last, batch 64, forward + backward: 16 CNNs on 8x8 digits, 2M values at the first
-    convolution's output, 1.04x faster fused; 16 on 16x16, 8M, 0.54x; 4 on 28x28, 6M, 0.88x), so there they are
-    fused in chunks of at most CPU_CONV_VALUES; linear layers gained at every size measured (1.1-1.9x)."""
+    On a CPU, fusing convolutions pays only while each member's activations are small. Measured here (2 cores,
+    bf16 + channels_last, training rounds, per member; values at the first convolution's output): digits 8x8 at
+    batch 32/64/128 (65K-262K values) 1.67x/1.50x/1.25x faster, 16 members fused; 28x28 at batch 16/32 (401K-803K)
+    0.80-0.89x, 2-5 fused; 16x16 at batch 64 (512K) 0.54x. Linear layers gained at every size measured (1.1-1.9x).
+    """
     first = next((layer for layer in model if isinstance(layer, nn.Conv2d)), None)
     if device.type != "cpu" or first is None:
         return ALL
-    return max(1, CPU_CONV_VALUES // (batch_size * first.out_channels * image_size[0] * image_size[1]))
+    values = batch_size * first.out_channels * image_size[0] * image_size[1]  # one member's first conv output
+    return ALL if values <= CPU_CONV_MEMBER_VALUES else 1
 
 
 ALL = 2**31 - 1  # no limit
-CPU_CONV_VALUES = 2**21
+CPU_CONV_MEMBER_VALUES = 2**18
 
 
 def _fused(members: list[nn.Module], inputs: torch.Tensor, keep: dict[int, torch.Tensor | None]) -> torch.Tensor:

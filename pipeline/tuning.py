@@ -257,6 +257,21 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str,
     return values
 
 
+# Searched params each trial of a population may have of its own: the loop fuses runs that differ only in these
+# (`loop._groups`; tests/test_population.py checks every one). Every other searched param (the model and its
+# widths, the batch size, the precision) fixes tensor shapes or kernels, so a population holds it equal: trials
+# that differ in it would be separate models taking turns, not one forward pass.
+OWN_PER_TRIAL = ("train.lr", "train.optimizer", "train.momentum", "train.nesterov", "train.weight_decay",
+                 "train.scheduler", "train.step_size", "train.gamma", "train.label_smoothing", "train.grad_clip",
+                 "train.patience", "model.dropout")
+
+
+def shared_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The params (as Optuna holds them) that trials training together must share (see OWN_PER_TRIAL)."""
+    return {key: value for key, value in params.items()
+            if key not in OWN_PER_TRIAL and not key.startswith("data.augment.")}
+
+
 def _scalar_choices(dim: SearchDimension) -> bool:
     return all(isinstance(c, (str, int, float, bool, type(None))) for c in dim.choices)
 
@@ -474,12 +489,47 @@ class TrialRun:
                                    for k, v in self.params.items()), flush=True)
 
 
+class Shape:
+    """What a population's trials share (`shared_params`: the model and its widths, the batch size...): held for
+    tune.population trials in a row, then drawn again by the sampler. A population stays one forward pass, and
+    the search still explores those params, once per population instead of once per trial."""
+
+    def __init__(self):
+        self.params: dict[str, Any] = {}
+        self.trials = 0  # asked with these params
+
+    def next_run(self, search: Search) -> TrialRun | None | bool:
+        """The next trial, with this shape's params unless `search.population` trials had them (the sampler's own
+        choice then becomes the shape); None if the study is full, False to wait (see `_next_trial`)."""
+        held = bool(self.params) and self.trials < search.population
+        sampler = search.study.sampler
+        if held:  # Optuna's way to fix some params: they keep their distributions, so the sampler learns from them
+            search.study.sampler = optuna.samplers.PartialFixedSampler(self.params, sampler)
+        try:
+            trial = _next_trial(search)
+            if trial is None or trial is False:
+                return trial
+            run = TrialRun(search, trial)  # samples its params
+        finally:
+            search.study.sampler = sampler
+        if not held:
+            self.params, self.trials = shared_params(trial.params), 0
+        self.trials += 1
+        return run
+
+    def forget(self) -> None:
+        """The next trial draws its own: this one trains alone (`TrialRun.alone`), with no forward pass to share,
+        so holding its params would only narrow the search."""
+        self.params = {}
+
+
 def run_population(search: Search, deadline: float | None) -> bool:
     """Train up to tune.population trials at once through the loop; True when the study needs no more of them.
 
     A slot freed by a finished or pruned trial goes at once to the next trial the
-    study asks for, while the others train on. The loop fuses the trials that
-    share a shape (model widths, batch size); the sampler proposes what it would
+    study asks for, while the others train on. The trials share the searched
+    params that fix tensor shapes (`Shape`), so the loop fuses them into one
+    forward pass; for the others the sampler proposes what it would
     for as many parallel workers (TPE's constant liar steers it away from the
     running ones). Until tune.startup_trials trials have finished, a population
     holds at most that many: before then the sampler proposes at random (and the
@@ -487,6 +537,7 @@ def run_population(search: Search, deadline: float | None) -> bool:
     (measured with the median pruner: +25-75% epochs for the same search).
     """
     tune, open_runs, full = search.cfg.tune, [], False
+    shape = Shape()
     if search.population > 1 and search.prepared.train.streamed:
         print("[tune] streamed data: trials train one at a time (each member of a population would start its own "
               f"{search.cfg.data.loader_workers} reader process(es))", file=sys.stderr, flush=True)
@@ -503,14 +554,15 @@ def run_population(search: Search, deadline: float | None) -> bool:
         if size > tune.startup_trials and training < size and _counts(search.study)[0] < tune.startup_trials:
             size = max(1, tune.startup_trials)
         while training + len(joining) < size and not full and not _past(deadline):
-            trial = _next_trial(search)
-            if trial is None or trial is False:  # the study is full, or the rest are running elsewhere
-                full = trial is None
+            run = shape.next_run(search)
+            if run is None or run is False:  # the study is full, or the rest are running elsewhere
+                full = run is None
                 break
-            open_runs.append(TrialRun(search, trial))
-            joining.append(open_runs[-1].start())
-            if open_runs[-1].alone:
+            open_runs.append(run)
+            joining.append(run.start())
+            if run.alone:
                 size = 1  # no company until it is done
+                shape.forget()
         return joining
 
     try:

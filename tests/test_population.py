@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import loop, stacking, training
+from pipeline import loop, stacking, training, tuning
 from pipeline.models import build_model
 
 CPU = torch.device("cpu")
@@ -104,6 +104,19 @@ def test_ctrl_c_stops_the_whole_population(digits, tiny_cfg):
     assert [len(run.history) for run in runs] == [1, 1] and not any(run.ended for run in runs)
 
 
+def test_runs_that_differ_only_in_what_a_trial_has_of_its_own_are_fused(digits, tiny_cfg):
+    """What a population search lets each trial draw (tuning.OWN_PER_TRIAL): runs differing in all of it are
+    still one forward pass. A key listed there that the loop cannot fuse would split every population."""
+    own = {"train.lr": 3e-3, "train.optimizer": "sgd", "train.momentum": 0.5, "train.nesterov": True,
+           "train.weight_decay": 1e-3, "train.scheduler": "step", "train.step_size": 2, "train.gamma": 0.5,
+           "train.label_smoothing": 0.1, "train.grad_clip": 1.0, "train.patience": 2, "model.dropout": 0.3}
+    assert set(own) == set(tuning.OWN_PER_TRIAL)
+    augmented = {"data.augment.crop_padding": 1, "data.augment.rotation": 10.0, "data.augment.brightness": 0.2}
+    runs = [member(tiny_cfg.with_overrides(overrides), digits)
+            for overrides in [{}, own, augmented, *({key: value} for key, value in own.items())]]
+    assert [len(group) for group in loop._groups(runs, CPU)] == [len(runs)]
+
+
 def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cfg):
     def runs(*overrides):
         return [member(tiny_cfg.with_overrides({**EXACT, **each}), digits) for each in overrides]
@@ -121,7 +134,7 @@ def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cf
                                            ("digit_recognizer", True)])
 def test_a_stack_computes_what_its_members_compute(tiny_cfg, model, chunked, monkeypatch):
     if chunked:  # on a CPU, large convolutions are fused a few members at a time: here one by one
-        monkeypatch.setattr(stacking, "CPU_CONV_VALUES", 1)
+        monkeypatch.setattr(stacking, "CPU_CONV_MEMBER_VALUES", 0)
     cfg = tiny_cfg.with_overrides({"model.name": model, "model.dropout": 0.0})
     members = []
     for seed in range(3):

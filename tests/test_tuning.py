@@ -181,25 +181,47 @@ def test_a_population_out_of_device_memory_fails_its_trials_and_halves(in_prepar
     assert "out of device memory with 4 trials at once: now at most 2" in capsys.readouterr().err
 
 
+def test_a_population_shares_its_batch_size_and_the_next_one_draws_its_own(in_prepared_repo):
+    """Trials that train together share the searched params that fix tensor shapes (here the batch size), or they
+    would be separate models taking turns; each tune.population trials in a row, the sampler draws them anew."""
+    from pipeline import paths, tuning
+    from pipeline.config import load_config
+
+    space = {"train.batch_size": {"choices": [32, 64, 128]}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=mlp", "tune.epochs=1", "tune.n_trials=9", "tune.startup_trials=0", "tune.population=3",
+        "tune.sampler=random", f"tune.space={json.dumps(space)}", f"tune.storage={in_prepared_repo / 's.journal'}",
+        "tracking.enabled=false", "train.device=cpu"])
+    tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
+    trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
+    blocks = [[t.params["train.batch_size"] for t in trials[i:i + 3]] for i in (0, 3, 6)]
+    assert all(len(set(block)) == 1 for block in blocks), blocks
+    assert len({block[0] for block in blocks}) > 1, blocks  # drawn again: the search still explores it
+    assert len({t.params["train.lr"] for t in trials}) == 9  # each trial's own
+
+
 @pytest.mark.parametrize("why", ["cannot share a forward pass", "one member per fused call on this device"])
 def test_trials_whose_models_cannot_be_fused_train_one_at_a_time(in_prepared_repo, monkeypatch, why):
     """A population of models that cannot share a forward pass (ResNets, pretrained backbones), or that this device
     would compute one member at a time (a CPU, large images), would only take turns with K models in memory: such
-    trials run one after another whatever tune.population says."""
+    trials run one after another whatever tune.population says, and each draws its own batch size (no forward
+    pass to share)."""
     from pipeline import paths, stacking, tuning
     from pipeline.config import load_config
 
     cfg = load_config(REPO / "params.yaml", [
-        "model.name=cnn", "tune.epochs=2", "tune.n_trials=3", "tune.startup_trials=0", "tune.population=4",
+        "model.name=cnn", "tune.epochs=2", "tune.n_trials=4", "tune.startup_trials=0", "tune.population=4",
+        "tune.sampler=random",
         f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
     if why == "cannot share a forward pass":
         monkeypatch.setattr(stacking, "signature", lambda model: None)  # as for a ResNet
-    else:  # as for 28x28 images on this CPU (64 x 32 channels x 784 pixels > CPU_CONV_VALUES): here for any size
-        monkeypatch.setattr(stacking, "CPU_CONV_VALUES", 1)
+    else:  # as for 28x28 images on this CPU (batch x 32 channels x 784 pixels > CPU_CONV_MEMBER_VALUES): any size
+        monkeypatch.setattr(stacking, "CPU_CONV_MEMBER_VALUES", 0)
     tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
     trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
-    assert len(trials) == 3
+    assert len(trials) == 4
     assert all(later.datetime_start >= earlier.datetime_complete for earlier, later in zip(trials, trials[1:]))
+    assert len({trial.params["train.batch_size"] for trial in trials}) > 1
 
 
 def test_a_trial_asked_by_a_process_stopped_before_naming_itself_is_failed_and_retried(in_prepared_repo):
