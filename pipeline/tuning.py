@@ -492,16 +492,19 @@ class TrialRun:
 class Shape:
     """What a population's trials share (`shared_params`: the model and its widths, the batch size...): held for
     tune.population trials in a row, then drawn again by the sampler. A population stays one forward pass, and
-    the search still explores those params, once per population instead of once per trial."""
+    the search still explores those params, once per population instead of once per trial. The startup trials
+    (tune.startup_trials, sampled at random) draw their own: the sampler needs to have seen several values of
+    them, or it would propose the first one for ever."""
 
     def __init__(self):
         self.params: dict[str, Any] = {}
         self.trials = 0  # asked with these params
 
-    def next_run(self, search: Search) -> TrialRun | None | bool:
-        """The next trial, with this shape's params unless `search.population` trials had them (the sampler's own
-        choice then becomes the shape); None if the study is full, False to wait (see `_next_trial`)."""
-        held = bool(self.params) and self.trials < search.population
+    def next_run(self, search: Search, hold: bool = True) -> TrialRun | None | bool:
+        """The next trial, with this shape's params unless `search.population` trials had them or `hold` is False
+        (the sampler's own choice then becomes the shape); None if the study is full, False to wait (see
+        `_next_trial`)."""
+        held = hold and bool(self.params) and self.trials < search.population
         sampler = search.study.sampler
         if held:  # Optuna's way to fix some params: they keep their distributions, so the sampler learns from them
             search.study.sampler = optuna.samplers.PartialFixedSampler(self.params, sampler)
@@ -532,9 +535,10 @@ def run_population(search: Search, deadline: float | None) -> bool:
     forward pass; for the others the sampler proposes what it would
     for as many parallel workers (TPE's constant liar steers it away from the
     running ones). Until tune.startup_trials trials have finished, a population
-    holds at most that many: before then the sampler proposes at random (and the
-    median pruner prunes nothing), so more members would train uninformed trials
-    (measured with the median pruner: +25-75% epochs for the same search).
+    holds at most that many, each with its own shape: before then the sampler
+    proposes at random (and the median pruner prunes nothing), so more members
+    would train uninformed trials (measured with the median pruner: +25-75%
+    epochs for the same search).
     """
     tune, open_runs, full = search.cfg.tune, [], False
     shape = Shape()
@@ -549,12 +553,14 @@ def run_population(search: Search, deadline: float | None) -> bool:
             member.key.finish(member.result, member.error)
             if member.error is not None and not isinstance(member.error, (optuna.TrialPruned, *TRIAL_FAILURES)):
                 raise member.error  # not the trial's params: the worker stops (the others are failed below)
-        joining = []
+        joining, starting = [], False
         size = 1 if any(run.alone for run in open_runs) else search.population
-        if size > tune.startup_trials and training < size and _counts(search.study)[0] < tune.startup_trials:
-            size = max(1, tune.startup_trials)
+        if training < size:  # room for more: is the sampler still exploring at random?
+            starting = _counts(search.study)[0] < tune.startup_trials
+            if starting and size > tune.startup_trials:
+                size = max(1, tune.startup_trials)
         while training + len(joining) < size and not full and not _past(deadline):
-            run = shape.next_run(search)
+            run = shape.next_run(search, hold=not starting)
             if run is None or run is False:  # the study is full, or the rest are running elsewhere
                 full = run is None
                 break

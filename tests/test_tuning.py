@@ -181,23 +181,27 @@ def test_a_population_out_of_device_memory_fails_its_trials_and_halves(in_prepar
     assert "out of device memory with 4 trials at once: now at most 2" in capsys.readouterr().err
 
 
-def test_a_population_shares_its_batch_size_and_the_next_one_draws_its_own(in_prepared_repo):
+@pytest.mark.parametrize("startup", [0, 3])
+def test_a_population_shares_its_batch_size_and_the_next_one_draws_its_own(in_prepared_repo, startup):
     """Trials that train together share the searched params that fix tensor shapes (here the batch size), or they
-    would be separate models taking turns; each tune.population trials in a row, the sampler draws them anew."""
+    would be separate models taking turns; each tune.population trials in a row, the sampler draws them anew. The
+    random startup trials draw their own: the sampler must see several values before it holds one."""
     from pipeline import paths, tuning
     from pipeline.config import load_config
 
     space = {"train.batch_size": {"choices": [32, 64, 128]}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}
     cfg = load_config(REPO / "params.yaml", [
-        "model.name=mlp", "tune.epochs=1", "tune.n_trials=9", "tune.startup_trials=0", "tune.population=3",
+        "model.name=mlp", "tune.epochs=1", "tune.n_trials=9", f"tune.startup_trials={startup}", "tune.population=3",
         "tune.sampler=random", f"tune.space={json.dumps(space)}", f"tune.storage={in_prepared_repo / 's.journal'}",
         "tracking.enabled=false", "train.device=cpu"])
     tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
-    trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
-    blocks = [[t.params["train.batch_size"] for t in trials[i:i + 3]] for i in (0, 3, 6)]
-    assert all(len(set(block)) == 1 for block in blocks), blocks
-    assert len({block[0] for block in blocks}) > 1, blocks  # drawn again: the search still explores it
-    assert len({t.params["train.lr"] for t in trials}) == 9  # each trial's own
+    sizes = [t.params["train.batch_size"] for t in tuning.open_search(cfg, paths.PREPARED_DIR).study.trials]
+    # a block starts with the trial that drew its shape: with startup trials, the last of them
+    blocks = [sizes[i:i + 3] for i in ((0, 3, 6) if startup == 0 else (2, 5))]
+    assert all(len(set(block)) == 1 for block in blocks), sizes
+    assert len({block[0] for block in blocks}) > 1, sizes  # drawn again: the search still explores it
+    if startup:
+        assert len(set(sizes[:startup])) > 1, sizes  # each startup trial drew its own
 
 
 @pytest.mark.parametrize("why", ["cannot share a forward pass", "one member per fused call on this device"])
