@@ -502,13 +502,17 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
             judged = (default and size == DEFAULT_POPULATION) or (gpu and "cnn" in name)
             best = ", ".join(f"{a.best:.4g} vs {b.best:.4g}" for a, b in paired)
             epochs = ", ".join(f"{a.epochs} vs {b.epochs}" for a, b in paired)
+            # which trials a search trains (batch sizes, how many pruned) moves its wall time as much as the speed
+            # of an epoch does: both are shown
+            per_epoch = ", ".join(f"{1000 * a.seconds / a.epochs:.0f} vs {1000 * b.seconds / b.epochs:.0f}"
+                                  for a, b in paired)
             rows.append(Row(f"search, {name}, population {size}", f"{size} trials at once", "one trial at a time",
                             "s/search", [a.seconds for a, _ in paired], [b.seconds for _, b in paired],
                             target=(10.0 if gpu else 1.5) if judged else None, condition=within if judged else None,
                             note=f"{what}{f', seeds {seeds}' if len(paired) > 1 else ''}; best val_loss {best}"
                                  + ("" if noise is None else f" ({'within' if within else 'MISSED: beyond'} the "
                                                              f"noise, stdev {noise:.4f})")
-                                 + f"; epochs {epochs}",
+                                 + f"; epochs {epochs}; ms per epoch trained {per_epoch}",
                             extra={"best": [[a.best, b.best] for a, b in paired],
                                    "epochs": [[a.epochs, b.epochs] for a, b in paired],
                                    **({"noise_stdev": noise} if noise is not None else {})}))
