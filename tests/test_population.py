@@ -155,6 +155,17 @@ def test_a_stack_computes_what_its_members_compute(tiny_cfg, model, chunked, mon
             torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_cpu_fuses_convolutions_only_while_each_members_activations_are_small(tiny_cfg):
+    """What `members_per_call` decides from the measurements in its docstring: digits-size CNNs fused at every
+    batch size searched, 28x28 CNNs one at a time even at batch 16; linear models and GPUs fuse everything."""
+    cnn, mlp = (build_model(tiny_cfg.with_overrides({"model.name": name}).model, (1, 8, 8), 10)
+                for name in ("cnn", "mlp"))
+    assert all(stacking.members_per_call(cnn, batch, (8, 8), CPU) == stacking.ALL for batch in (32, 64, 128))
+    assert stacking.members_per_call(cnn, 16, (28, 28), CPU) == 1
+    assert stacking.members_per_call(cnn, 128, (28, 28), torch.device("cuda")) == stacking.ALL
+    assert stacking.members_per_call(mlp, 128, (28, 28), CPU) == stacking.ALL
+
+
 def test_dropout_keeps_each_members_own_rate(tiny_cfg):
     models = []
     for rate in (0.0, 0.5):
