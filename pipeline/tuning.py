@@ -515,7 +515,9 @@ class Shape:
             run = TrialRun(search, trial)  # samples its params
         finally:
             search.study.sampler = sampler
-        if not held:
+        if held:  # said on the trial (optuna-dashboard shows it): these values were not the sampler's choice
+            trial.set_user_attr("held_for_population", sorted(self.params))
+        else:
             self.params, self.trials = shared_params(trial.params), 0
         self.trials += 1
         return run

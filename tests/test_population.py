@@ -133,7 +133,7 @@ def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cf
 @pytest.mark.parametrize("model, chunked", [("cnn", False), ("cnn", True), ("mlp", False), ("logreg", False),
                                            ("digit_recognizer", True)])
 def test_a_stack_computes_what_its_members_compute(tiny_cfg, model, chunked, monkeypatch):
-    if chunked:  # on a CPU, large convolutions are fused a few members at a time: here one by one
+    if chunked:  # on a CPU, large convolutions are computed one member per call (`members_per_call`)
         monkeypatch.setattr(stacking, "CPU_CONV_MEMBER_VALUES", 0)
     cfg = tiny_cfg.with_overrides({"model.name": model, "model.dropout": 0.0})
     members = []

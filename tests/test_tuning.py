@@ -195,10 +195,14 @@ def test_a_population_shares_its_batch_size_and_the_next_one_draws_its_own(in_pr
         "tune.sampler=random", f"tune.space={json.dumps(space)}", f"tune.storage={in_prepared_repo / 's.journal'}",
         "tracking.enabled=false", "train.device=cpu"])
     tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
-    sizes = [t.params["train.batch_size"] for t in tuning.open_search(cfg, paths.PREPARED_DIR).study.trials]
+    trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
+    sizes = [t.params["train.batch_size"] for t in trials]
     # a block starts with the trial that drew its shape: with startup trials, the last of them
-    blocks = [sizes[i:i + 3] for i in ((0, 3, 6) if startup == 0 else (2, 5))]
+    starts = (0, 3, 6) if startup == 0 else (2, 5, 8)
+    blocks = [sizes[i:i + 3] for i in starts]
     assert all(len(set(block)) == 1 for block in blocks), sizes
+    held = [t.number for t in trials if t.user_attrs.get("held_for_population") == ["train.batch_size"]]
+    assert held == [n for n in range(starts[0], 9) if n not in starts]  # the trials say which values were held
     assert len({block[0] for block in blocks}) > 1, sizes  # drawn again: the search still explores it
     if startup:
         assert len(set(sizes[:startup])) > 1, sizes  # each startup trial drew its own
