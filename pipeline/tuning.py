@@ -516,7 +516,10 @@ class Shape:
         finally:
             search.study.sampler = sampler
         if held:  # said on the trial (optuna-dashboard shows it): these values were not the sampler's choice
-            trial.set_user_attr("held_for_population", sorted(self.params))
+            # ...unless the trial came with its own (params.yaml's trial, a retry), which no sampler overrides
+            fixed = search.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params", {})
+            if keys := sorted(set(self.params) - set(fixed)):
+                trial.set_user_attr("held_for_population", keys)
         else:
             self.params, self.trials = shared_params(trial.params), 0
         self.trials += 1

@@ -208,6 +208,25 @@ def test_a_population_shares_its_batch_size_and_the_next_one_draws_its_own(in_pr
         assert len(set(sizes[:startup])) > 1, sizes  # each startup trial drew its own
 
 
+def test_a_trial_that_came_with_its_own_values_is_not_said_to_be_held(in_prepared_repo):
+    """An enqueued trial (params.yaml's, a retry) keeps its own values whatever a population holds, and does not
+    claim otherwise; it trains beside the population, a shape of its own."""
+    from pipeline import paths, tuning
+    from pipeline.config import load_config
+
+    space = {"train.batch_size": {"choices": [32, 64, 128]}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=mlp", "tune.epochs=1", "tune.n_trials=3", "tune.startup_trials=0", "tune.population=3",
+        "tune.sampler=random", f"tune.space={json.dumps(space)}", f"tune.storage={in_prepared_repo / 's.journal'}",
+        "tracking.enabled=false", "train.device=cpu"])
+    search = tuning.open_search(cfg, paths.PREPARED_DIR)  # params.yaml's trial (batch 64) is enqueued first
+    search.study.enqueue_trial({"train.batch_size": 128, "train.lr": 5e-3})  # as a retried trial is
+    assert tuning.run_worker(search)
+    trials = search.study.trials
+    assert [t.params["train.batch_size"] for t in trials] == [64, 128, 64]
+    assert [t.user_attrs.get("held_for_population") for t in trials] == [None, None, ["train.batch_size"]]
+
+
 @pytest.mark.parametrize("why", ["cannot share a forward pass", "one member per fused call on this device"])
 def test_trials_whose_models_cannot_be_fused_train_one_at_a_time(in_prepared_repo, monkeypatch, why):
     """A population of models that cannot share a forward pass (ResNets, pretrained backbones), or that this device
