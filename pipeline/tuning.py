@@ -547,25 +547,26 @@ def run_population(search: Search, deadline: float | None) -> bool:
     """
     tune, open_runs, full = search.cfg.tune, [], False
     shape = Shape()
+    explored = False  # tune.startup_trials have finished (for good: finished trials stay finished)
     if search.population > 1 and search.prepared.train.streamed:
         print("[tune] streamed data: trials train one at a time (each member of a population would start its own "
               f"{search.cfg.data.loader_workers} reader process(es))", file=sys.stderr, flush=True)
 
     def next_members(ended: list[loop.Member], training: int) -> list[loop.Member]:
-        nonlocal full
+        nonlocal full, explored
         for member in ended:
             open_runs.remove(member.key)
             member.key.finish(member.result, member.error)
             if member.error is not None and not isinstance(member.error, (optuna.TrialPruned, *TRIAL_FAILURES)):
                 raise member.error  # not the trial's params: the worker stops (the others are failed below)
-        joining, starting = [], False
+        joining = []
         size = 1 if any(run.alone for run in open_runs) else search.population
-        if training < size:  # room for more: is the sampler still exploring at random?
-            starting = _counts(search.study)[0] < tune.startup_trials
-            if starting and size > tune.startup_trials:
+        if training < size and not explored:  # room for more: is the sampler still exploring at random?
+            explored = _counts(search.study)[0] >= tune.startup_trials
+            if not explored and size > tune.startup_trials:
                 size = max(1, tune.startup_trials)
         while training + len(joining) < size and not full and not _past(deadline):
-            run = shape.next_run(search, hold=not starting)
+            run = shape.next_run(search, hold=explored)
             if run is None or run is False:  # the study is full, or the rest are running elsewhere
                 full = run is None
                 break
