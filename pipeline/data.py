@@ -240,6 +240,9 @@ class BatchTransform:
         self.augment = augment
         self.generator = generator
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # what it computes, when it draws nothing: transforms with the same can take each other's batches
+        self.plain = None if augment is not None and any(value for _, value in augment) else \
+            (tuple(mean), tuple(std), self.memory_format)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         augment, generator = self.augment, self.generator
@@ -254,7 +257,9 @@ class BatchTransform:
                 x = random_rotation(x, augment.rotation, generator)
             if augment.brightness or augment.contrast or augment.saturation:
                 x = color_jitter(x, augment.brightness, augment.contrast, augment.saturation, generator)
-        x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        if self.mean.device != x.device:  # once: a copy to a GPU every batch would wait for the host every step
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        x = x.sub_(self.mean).div_(self.std)
         return x.contiguous(memory_format=self.memory_format)
 
 
@@ -350,6 +355,27 @@ class TensorBatches:
     @property
     def num_samples(self) -> int:
         return len(self) * self.batch_size if self.drop_last else len(self.split)
+
+
+def together(runs: list) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Several runs' batches, step by step, stacked: (inputs [K, B, ...], labels [K, B]), what stacking each run's
+    own batch gives (each draws its order and augmentation from its own generator).
+
+    Runs that read the same resident split through the same transform that draws nothing (no augmentation) are
+    read with one gather and transformed once per step, whatever K is: on a GPU, where a small model's step is
+    launch-bound, a few kernels per step instead of a few per run. Others are read run by run."""
+    first = runs[0]
+    if all(type(each) is TensorBatches and each.split.images is first.split.images
+           and each.split.labels is first.split.labels and each.batch_size == first.batch_size
+           and each.shard == (0, 1) and each.transform.plain is not None
+           and each.transform.plain == first.transform.plain for each in runs):
+        orders = [each.positions(first.split.labels.device) for each in runs]  # each run's own draw
+        for positions in map(torch.stack, zip(*orders)):
+            images = first.transform(first.split.take(positions.flatten()))
+            yield images.unflatten(0, positions.shape), first.split.labels[positions]
+        return
+    for batches in zip(*runs):
+        yield torch.stack([inputs for inputs, _ in batches]), torch.stack([labels for _, labels in batches])
 
 
 class StreamBatches(TensorBatches):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import distributed, files, processes, stacking
+from pipeline import data, distributed, files, processes, stacking
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError, first_line, shorten
 from pipeline.metrics import EpochMetrics, is_better, worst
@@ -345,13 +345,13 @@ def fit_together(members: list[Member], device: torch.device,
 
 
 def _groups(running: list[Member], device: torch.device) -> list[list[Member]]:
-    """The runs one forward pass computes together: same model signature, batches per epoch, precision and memory
-    format. Runs that cannot be fused (other models, fp16's per-run loss scale, torch.compile) are alone."""
+    """The runs one forward pass computes together: same model signature, batch size and batches per epoch (63 and
+    64 give digits' 1221 images 20 batches each), precision and memory format. Runs that cannot be fused (other models, fp16's per-run loss scale, torch.compile) are alone."""
     groups: dict[Any, list[Member]] = {}
     for member in running:
         signature, dtype = stacking.signature(member.model), _dtype(member, device)
         alone = signature is None or dtype == torch.float16 or member.cfg.compile
-        key = id(member) if alone else (signature, len(member.train_batches), dtype,
+        key = id(member) if alone else (signature, member.cfg.batch_size, len(member.train_batches), dtype,
                                         uses_channels_last(member.cfg, member.model))
         groups.setdefault(key, []).append(member)
     return list(groups.values())
@@ -492,17 +492,13 @@ def train_one_epoch(forward: nn.Module, members: list[Member], dtype, device: to
     first = members[0]
     smoothing = torch.tensor([[member.cfg.label_smoothing] for member in members], device=device) if k > 1 else None
     description = f"epoch {len(first.history) + 1}/{first.cfg.epochs}" + (f" ({k} runs)" if k > 1 else "")
-    for batches in _progress(zip(*(member.train_batches for member in members)), description,
-                             len(first.train_batches)):
+    # one run: its own batches; several: each run's batch, stacked [K, B, ...]
+    steps = first.train_batches if k == 1 else data.together([member.train_batches for member in members])
+    for inputs, labels in _progress(steps, description, len(first.train_batches)):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            if k == 1:  # one run: its model and its own criterion, as always
-                (inputs, labels), = batches
-                logits = forward(inputs)
-                loss = first.criterion(logits, labels)
-            else:  # each run's batch, stacked [K, B, ...]; each run's loss, [K], in one go
-                labels = torch.stack([batch[1] for batch in batches])
-                logits = forward(torch.stack([batch[0] for batch in batches]))
-                loss = _losses(logits, labels, smoothing)
+            logits = forward(inputs)
+            # one run: its own criterion, as always; several: each run's loss, [K], in one go
+            loss = first.criterion(logits, labels) if k == 1 else _losses(logits, labels, smoothing)
             summed = loss.detach().float() * labels.shape[-1]
             if world.distributed:
                 # Each rank holds a slice of the global batch, and DDP averages gradients over the ranks: scaled by

@@ -9,9 +9,16 @@ into one set of kernels for all K members:
 - member k's convolution is group k of one grouped convolution (its channels
   are block k of a [B, K*C, H, W] activation);
 - its BatchNorm is block k of one BatchNorm over K*C channels (statistics stay
-  per member, and the running statistics are written back to each member);
+  per member);
 - its linear layer is batch k of one batched matrix product ([K, B, F] activations);
 - its dropout keeps its own rate.
+
+The members' parameters and buffers live in one tensor per layer and name
+(member k's are block k of it, see `Fused`). The fused pass computes on those
+tensors, so its backward accumulates one gradient per tensor, whatever K is, and
+hands each member a view of its block; BatchNorm updates every member's running
+statistics in place. Per step the cost in operations (kernel launches on a GPU)
+does not grow with K, apart from each member's own optimizer step.
 
 Other models (ResNets, pretrained backbones) have no signature: the loop trains
 them one after another. Member k computes the operations its model computes
@@ -41,8 +48,8 @@ def signature(model: nn.Module) -> tuple | None:
     for layer in model:
         if isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) != (1, -1):
             return None  # the fused layout flattens everything after the batch dimension
-        if isinstance(layer, nn.BatchNorm2d) and not (layer.affine and layer.track_running_stats):
-            return None
+        if isinstance(layer, nn.BatchNorm2d) and not (layer.affine and layer.track_running_stats and layer.momentum):
+            return None  # the fused BatchNorm keeps running statistics by exponential average, as the zoo's do
         settings = tuple(getattr(layer, name) for name in _SETTINGS.get(type(layer), ()))
         layers.append((type(layer).__name__, settings,
                        tuple(tuple(value.shape) for value in layer.state_dict().values())))
@@ -58,6 +65,10 @@ class Stack(nn.Module):
         if shared is None or any(signature(model) != shared for model in models[1:]):
             raise ValueError("Stack takes Sequential models of the same fusable layers and shapes (see signature)")
         self.members = nn.ModuleList(models)
+        # per layer, its parameters and buffers of every member, by name (a member's own tensors become views)
+        self.fused = [{name: Fused([getattr(layer, name) for layer in layers])
+                       for name, _ in [*layers[0].named_parameters(), *layers[0].named_buffers()]}
+                      for layers in zip(*models)]
         self.chunk: int | None = None  # members fused per call, set by the first batch (see `fused_at_once`)
         # per dropout layer, each member's keep probability: on the device once, not copied there (a host sync on
         # a GPU) every step; None where every member keeps everything
@@ -70,13 +81,58 @@ class Stack(nn.Module):
             self._keep = {i: torch.tensor([1.0 - each.p for each in layers], device=inputs.device)
                           if any(each.p for each in layers) else None
                           for i, layers in enumerate(zip(*self.members)) if isinstance(layers[0], nn.Dropout)}
-        members = list(self.members)
-        if self.chunk >= len(members):
-            return _fused(members, inputs, self._keep)
-        return torch.cat([_fused(members[i:i + self.chunk], inputs[i:i + self.chunk],
-                                 {layer: None if keep is None else keep[i:i + self.chunk]
-                                  for layer, keep in self._keep.items()})
-                          for i in range(0, len(members), self.chunk)])
+        layers, k = list(self.members[0]), len(self.members)
+        if self.chunk >= k:
+            return _fused(layers, [{name: each.tensor for name, each in fused.items()} for fused in self.fused],
+                          inputs, self._keep)
+        outputs = []
+        for start in range(0, k, self.chunk):
+            stop = min(start + self.chunk, k)
+            outputs.append(_fused(layers, [{name: each.block(start, stop) for name, each in fused.items()}
+                                           for fused in self.fused], inputs[start:stop],
+                                  {layer: None if keep is None else keep[start:stop]
+                                   for layer, keep in self._keep.items()}))
+        return torch.cat(outputs)
+
+
+class Fused:
+    """One parameter (or buffer) of K members as one tensor: their tensors concatenated along the first dimension
+    (the layout the fused kernels take: a grouped convolution's weight, a BatchNorm's per-channel values, a
+    batched matrix product's [K * out, in] weight), and each member's own tensor made a view of its block. So the
+    members' optimizers and state dicts see the fused tensor's values, and the fused pass updates theirs.
+
+    The fused parameter's gradient is one accumulation per backward; a hook hands each member the view of its
+    block as its gradient and leaves the fused gradient empty for the next step (the members' `zero_grad`)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        first = tensors[0]
+        self.rows = first.shape[0] if first.dim() else 1  # a member's block: rows [k * rows, (k + 1) * rows)
+        # each block keeps its member's strides (a convolution's channels_last weight stays channels_last, which
+        # picks its kernels): the first dimension is the outermost one in every memory format
+        values = torch.empty_strided((len(tensors) * self.rows, *first.shape[1:]), first.stride() or (1,),
+                                     dtype=first.dtype, device=first.device)
+        self.tensor = nn.Parameter(values, first.requires_grad) if isinstance(first, nn.Parameter) else values
+        self.members = tensors
+        for each, block in zip(tensors, self._blocks(values)):
+            block.copy_(each.detach())
+            each.data = block
+        if isinstance(self.tensor, nn.Parameter) and self.tensor.requires_grad:
+            self.tensor.register_post_accumulate_grad_hook(self._hand_out_grad)
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Members start..stop-1 (a chunk of them computed in one call)."""
+        return self.tensor[start * self.rows:stop * self.rows]
+
+    def _blocks(self, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every member's block of `values` (one op, not one per member): views with the members' shape and
+        strides. Not `.view(shape)`: it would renumber the strides of size-1 dimensions, and a convolution's
+        kernel choice (so its rounding) follows them."""
+        return values.split(self.rows) if self.members[0].dim() else values.unbind()
+
+    def _hand_out_grad(self, fused: torch.Tensor) -> None:
+        grad, fused.grad = fused.grad, None
+        for each, block in zip(self.members, self._blocks(grad)):
+            each.grad = block
 
 
 def fused_at_once(model: nn.Sequential, inputs: torch.Tensor) -> int:
@@ -105,25 +161,25 @@ ALL = 2**31 - 1  # no limit
 CPU_CONV_MEMBER_VALUES = 2**18
 
 
-def _fused(members: list[nn.Module], inputs: torch.Tensor, keep: dict[int, torch.Tensor | None]) -> torch.Tensor:
-    """The members' forward passes as one: input [K, B, ...], output [K, B, classes]; `keep`: per dropout layer,
-    each member's keep probability (see Stack)."""
+def _fused(layers: list[nn.Module], tensors: list[dict[str, torch.Tensor]], inputs: torch.Tensor,
+           keep: dict[int, torch.Tensor | None]) -> torch.Tensor:
+    """The members' forward passes as one: input [K, B, ...], output [K, B, classes]. `layers`: one member's
+    layers (settings shared by all); `tensors`: per layer, every member's parameters and buffers (`Fused` blocks);
+    `keep`: per dropout layer, each member's keep probability (see Stack)."""
     k, b = inputs.shape[:2]
     h, stacked = inputs, True  # stacked: [K, B, ...]; else channel blocks: [B, K*C, H, W]
-    for index, layers in enumerate(zip(*members)):  # the i-th layer of every member
-        layer = layers[0]
+    for index, (layer, fused) in enumerate(zip(layers, tensors)):
         if stacked and h.dim() == 5 and isinstance(layer, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)):
-            h, stacked = _channel_blocks(h, layer), False
+            h, stacked = _channel_blocks(h, fused.get("weight")), False
         if isinstance(layer, nn.Conv2d):
-            bias = torch.cat([each.bias for each in layers]) if layer.bias is not None else None
-            h = F.conv2d(h, torch.cat([each.weight for each in layers]), bias, layer.stride, layer.padding,
-                         layer.dilation, layer.groups * k)
+            h = F.conv2d(h, fused["weight"], fused.get("bias"), layer.stride, layer.padding, layer.dilation,
+                         layer.groups * k)
         elif isinstance(layer, nn.BatchNorm2d):
-            h = _batch_norm(h, layers)
+            h = _batch_norm(h, layer, fused)
         elif isinstance(layer, nn.Linear):
-            weight = torch.stack([each.weight for each in layers]).transpose(1, 2)  # [K, in, out]
+            weight = fused["weight"].view(k, layer.out_features, layer.in_features).transpose(1, 2)  # [K, in, out]
             h = torch.bmm(h, weight) if layer.bias is None else \
-                torch.baddbmm(torch.stack([each.bias for each in layers]).unsqueeze(1), h, weight)
+                torch.baddbmm(fused["bias"].view(k, 1, layer.out_features), h, weight)
         elif isinstance(layer, nn.Flatten):
             h, stacked = (h.flatten(2) if stacked else h.reshape(b, k, -1).transpose(0, 1)), True
         elif isinstance(layer, nn.Dropout):
@@ -133,30 +189,23 @@ def _fused(members: list[nn.Module], inputs: torch.Tensor, keep: dict[int, torch
     return h if stacked else h.reshape(b, k, -1).transpose(0, 1)
 
 
-def _channel_blocks(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+def _channel_blocks(h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """[K, B, C, H, W] -> [B, K*C, H, W], in channels_last when the members' weights are (what the loop chose)."""
     k, b, c, height, width = h.shape
     blocks = h.transpose(0, 1).reshape(b, k * c, height, width)
-    weight = getattr(layer, "weight", None)
     if weight is not None and weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) \
             and not weight.is_contiguous():
         return blocks.contiguous(memory_format=torch.channels_last)
     return blocks
 
 
-def _batch_norm(h: torch.Tensor, layers: tuple[nn.BatchNorm2d, ...]) -> torch.Tensor:
-    """One BatchNorm over K*C channels: per-channel statistics are per member already."""
-    layer = layers[0]
-    weight, bias = torch.cat([each.weight for each in layers]), torch.cat([each.bias for each in layers])
-    mean, var = torch.cat([each.running_mean for each in layers]), torch.cat([each.running_var for each in layers])
-    if not layer.training:
-        return F.batch_norm(h, mean, var, weight, bias, False, 0.0, layer.eps)
-    out = F.batch_norm(h, mean, var, weight, bias, True, layer.momentum, layer.eps)  # updates mean/var in place
-    with torch.no_grad():  # each member's running statistics, as its own BatchNorm would have left them
-        torch._foreach_copy_([each.running_mean for each in layers], list(mean.chunk(len(layers))))
-        torch._foreach_copy_([each.running_var for each in layers], list(var.chunk(len(layers))))
-        torch._foreach_add_([each.num_batches_tracked for each in layers], 1)
-    return out
+def _batch_norm(h: torch.Tensor, layer: nn.BatchNorm2d, fused: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One BatchNorm over K*C channels: per-channel statistics are per member already, and the running statistics
+    it updates in place are the members' own (`Fused`)."""
+    if layer.training:
+        fused["num_batches_tracked"].add_(1)
+    return F.batch_norm(h, fused["running_mean"], fused["running_var"], fused["weight"], fused["bias"],
+                        layer.training, layer.momentum, layer.eps)
 
 
 def _dropout(h: torch.Tensor, keep: torch.Tensor, stacked: bool) -> torch.Tensor:

@@ -105,3 +105,26 @@ def test_color_jitter_stays_in_range_and_keeps_grey_images_grey():
     brighter = data.color_jitter(torch.full((64, 1, 2, 2), 0.5), 0.4, 0.0, 0.0, torch.Generator().manual_seed(1))
     factors = brighter[:, 0, 0, 0] / 0.5
     assert factors.min() >= 0.6 - 1e-6 and factors.max() <= 1.4 + 1e-6
+
+
+@pytest.mark.parametrize("augmented, reads_per_step", [(False, 1), (True, 3)])
+def test_runs_read_together_get_the_batches_each_reads_alone(digits, monkeypatch, augmented, reads_per_step):
+    """`data.together` (a population's batches): each run's batch is the one it reads alone (its own order and
+    augmentation, from its own generator). Runs with plain transforms are read in one gather per step; a run that
+    augments reads its own."""
+    cpu = torch.device("cpu")
+
+    def runs():
+        augments = [AugmentConfig(), AugmentConfig(crop_padding=1) if augmented else AugmentConfig(), AugmentConfig()]
+        return [data.training_batches(digits, 32, augment, seed, cpu, channels_last=True)[0]
+                for seed, augment in enumerate(augments)]
+
+    alone = list(zip(*runs()))
+    reads = []
+    take = data.Split.take
+    monkeypatch.setattr(data.Split, "take", lambda split, positions: reads.append(1) or take(split, positions))
+    together = list(data.together(runs()))
+    assert len(together) == len(alone) and len(reads) == reads_per_step * len(alone)
+    for (inputs, labels), batches in zip(together, alone):
+        assert torch.equal(inputs, torch.stack([each for each, _ in batches]))
+        assert torch.equal(labels, torch.stack([each for _, each in batches]))

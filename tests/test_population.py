@@ -2,6 +2,7 @@
 are the numbers it gets alone, and runs join and leave while the others train on."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -125,9 +126,10 @@ def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cf
     assert [len(group) for group in loop._groups(same, CPU)] == [3]
     for member_ in same:
         loop.start(member_, CPU)
-    mixed = runs({}, {"train.batch_size": 32}, {"model.channels": [16, 32]}, {"train.compile": True},
-                 {"train.precision": "bf16"}, {"model.name": "resnet18"}, {})
-    assert sorted(len(group) for group in loop._groups(mixed, CPU)) == [1, 1, 1, 1, 1, 2]
+    mixed = runs({}, {"train.batch_size": 32}, {"train.batch_size": 63}, {"model.channels": [16, 32]},
+                 {"train.compile": True}, {"train.precision": "bf16"}, {"model.name": "resnet18"}, {})
+    assert len(mixed[0].train_batches) == len(mixed[2].train_batches)  # batch 63 or 64: 20 batches
+    assert sorted(len(group) for group in loop._groups(mixed, CPU)) == [1, 1, 1, 1, 1, 1, 2]
 
 
 @pytest.mark.parametrize("model, chunked", [("cnn", False), ("cnn", True), ("mlp", False), ("logreg", False),
@@ -164,6 +166,57 @@ def test_a_cpu_fuses_convolutions_only_while_each_members_activations_are_small(
     assert stacking.members_per_call(cnn, 16, (28, 28), CPU) == 1
     assert stacking.members_per_call(cnn, 128, (28, 28), torch.device("cuda")) == stacking.ALL
     assert stacking.members_per_call(mlp, 128, (28, 28), CPU) == stacking.ALL
+
+
+def autograd_nodes(output: torch.Tensor) -> int:
+    """How many backward functions (one per op, one per leaf gradient) produce `output`'s gradients."""
+    seen, todo = set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_a_stacks_backward_is_the_same_size_whatever_its_members(tiny_cfg, model):
+    """A Stack computes on one tensor per layer and name (`stacking.Fused`), so one step launches as many kernels
+    for 16 members as for 2 (on a GPU, where a small model's step is launch-bound). Gathering the members' own
+    tensors every step (a cat per parameter) grew the backward by one node per member and parameter."""
+    cfg = tiny_cfg.with_overrides({"model.name": model})
+
+    def nodes(k):
+        stack = stacking.Stack([build_model(cfg.model, (1, 8, 8), 10) for _ in range(k)]).train()
+        return autograd_nodes(stack(torch.randn(k, 4, 1, 8, 8)).sum())
+
+    assert nodes(2) == nodes(16)
+
+
+def test_each_member_of_a_stack_gets_its_own_gradient_and_keeps_its_own_tensors(tiny_cfg):
+    """The members' parameters are blocks of the Stack's fused tensors: a member's optimizer steps its own block
+    with its own gradient, and its running statistics are its own."""
+    cfg = tiny_cfg.with_overrides({"model.dropout": 0.0})
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(build_model(cfg.model, (1, 8, 8), 10).to(memory_format=torch.channels_last))  # as the loop
+    alone = copy.deepcopy(members)
+    stack = stacking.Stack(members).train()
+    inputs = torch.randn(3, 16, 1, 8, 8)
+    stack(inputs).square().sum().backward()
+    for each, x in zip(alone, inputs):
+        each.train()(x).square().sum().backward()
+    for mine, theirs in zip(members, alone):
+        for (name, value), other in zip(mine.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(value.grad, other.grad, rtol=1e-4, atol=1e-5, msg=name)
+            assert value.stride() == other.stride(), name  # the member's own layout (a conv picks kernels by it)
+    torch.optim.SGD(members[1].parameters(), lr=0.1).step()  # member 1 alone moves
+    for index, (mine, theirs) in enumerate(zip(members, alone)):
+        moved = [not torch.equal(value, other) for value, other in zip(mine.parameters(), theirs.parameters())]
+        assert all(moved) if index == 1 else not any(moved)
+    with torch.no_grad():  # the stack computes with what the members hold
+        torch.testing.assert_close(stack.eval()(inputs)[1], members[1].eval()(inputs[1]), rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_keeps_each_members_own_rate(tiny_cfg):
@@ -219,3 +272,29 @@ def test_a_population_on_cuda_gets_the_numbers_its_runs_get_alone(digits, tiny_c
         model, train_batches, val_batches = training.setup(cfg, digits, cuda)
         alone = loop.fit(model, train_batches, val_batches, cfg.train, cuda)
         assert run.result.best.val_accuracy == pytest.approx(alone.best.val_accuracy, abs=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runs", [1, 3])
+def test_a_cuda_epoch_waits_for_the_gpu_only_at_its_end(digits, tiny_cfg, runs):
+    """The loop's promise (see its docstring): within an epoch the host never waits for the GPU (no .item(), no
+    blocking copy), so it queues the next steps while the GPU computes. torch's sync debug mode reports each
+    wait: an epoch of 72 steps must wait as often as one of 9."""
+    cuda = torch.device("cuda")
+
+    def waits(batch_size):
+        cfgs = [tiny_cfg.with_overrides({"train.device": "cuda", "train.epochs": 1, "train.batch_size": batch_size,
+                                         **variant}) for variant in VARIANTS[:runs]]
+        members = [member(cfg, digits, device=cuda) for cfg in cfgs]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loop.fit_together(members, cuda)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert all(each.result is not None for each in members)
+        return sum("synchroniz" in str(warning.message) for warning in caught)
+
+    waits(128)  # once first: CUDA and its libraries set themselves up on first use (and wait for the GPU then)
+    assert waits(128) == waits(16)
