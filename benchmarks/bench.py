@@ -465,7 +465,8 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
     at once, K swept: wall time and best validation score. Digits: the default search. MNIST-format: a smaller
     search on a subset, so that it fits the benchmark's time."""
     gpu = device.type == "cuda"
-    sizes = sorted({1, DEFAULT_POPULATION, *([] if args.quick else [8, 24] if gpu else [4, 8, 16])})
+    sizes = sorted({1, *args.sizes} if args.sizes else
+                   {1, DEFAULT_POPULATION, *([] if args.quick else [8, 24] if gpu else [4, 8, 16])})
     small = ["tune.n_trials=6", "tune.epochs=3", "tune.startup_trials=2", "tune.warmup_epochs=1"]
     n = 500 if args.quick else (10_000 if gpu else 5_000)
     images, labels = mnist.train.images, mnist.train.labels
@@ -610,6 +611,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", default=None, help="comma-separated sections (default: every CPU section, and "
                                                      "the GPU sections where CUDA is available)")
+    parser.add_argument("--sizes", type=lambda text: [int(size) for size in text.split(",")], default=None,
+                        help="population sizes K to sweep, e.g. 16 (default: CPU 4,8,16; GPU 8,16,24), each against "
+                             "one trial at a time")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless every comparison ran and wrote its numbers (CI; never checks timings)")
