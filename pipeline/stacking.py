@@ -28,6 +28,8 @@ grouped kernel may sum in another order).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -112,27 +114,32 @@ class Fused:
         values = torch.empty_strided((len(tensors) * self.rows, *first.shape[1:]), first.stride() or (1,),
                                      dtype=first.dtype, device=first.device)
         self.tensor = nn.Parameter(values, first.requires_grad) if isinstance(first, nn.Parameter) else values
-        self.members = tensors
-        for each, block in zip(tensors, self._blocks(values)):
+        for each, block in zip(tensors, _blocks(values, self.rows, first.dim())):
             block.copy_(each.detach())
             each.data = block
         if isinstance(self.tensor, nn.Parameter) and self.tensor.requires_grad:
-            self.tensor.register_post_accumulate_grad_hook(self._hand_out_grad)
+            # not a bound method: the hook would hold this object, which holds the tensor that holds the hook, and
+            # such a cycle frees (GPU) memory only when the garbage collector runs, not when the Stack goes
+            self.tensor.register_post_accumulate_grad_hook(functools.partial(_hand_out_grad, tensors, self.rows))
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         """Members start..stop-1 (a chunk of them computed in one call)."""
         return self.tensor[start * self.rows:stop * self.rows]
 
-    def _blocks(self, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every member's block of `values` (one op, not one per member): views with the members' shape and
-        strides. Not `.view(shape)`: it would renumber the strides of size-1 dimensions, and a convolution's
-        kernel choice (so its rounding) follows them."""
-        return values.split(self.rows) if self.members[0].dim() else values.unbind()
 
-    def _hand_out_grad(self, fused: torch.Tensor) -> None:
-        grad, fused.grad = fused.grad, None
-        for each, block in zip(self.members, self._blocks(grad)):
-            each.grad = block
+def _blocks(values: torch.Tensor, rows: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """Every member's block of fused `values` (one op, not one per member): views with the members' shape and
+    strides. Not `.view(shape)`: it would renumber the strides of size-1 dimensions, and a convolution's kernel
+    choice (so its rounding) follows them."""
+    return values.split(rows) if dim else values.unbind()
+
+
+def _hand_out_grad(members: list[torch.Tensor], rows: int, fused: torch.Tensor) -> None:
+    """After a backward: each member's gradient is the view of its block of the fused gradient, and the fused
+    parameter starts the next backward without one (as the members' `zero_grad` expects)."""
+    grad, fused.grad = fused.grad, None
+    for each, block in zip(members, _blocks(grad, rows, members[0].dim())):
+        each.grad = block
 
 
 def fused_at_once(model: nn.Sequential, inputs: torch.Tensor) -> int:

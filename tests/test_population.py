@@ -219,6 +219,25 @@ def test_each_member_of_a_stack_gets_its_own_gradient_and_keeps_its_own_tensors(
         torch.testing.assert_close(stack.eval()(inputs)[1], members[1].eval()(inputs[1]), rtol=1e-5, atol=1e-6)
 
 
+def test_a_stacks_fused_tensors_go_with_it(tiny_cfg):
+    """When a population changes, its old Stack's fused tensors are freed at once (on a GPU, that memory is the
+    next Stack's), not when the garbage collector next runs: nothing they hold holds them back."""
+    import gc
+    import weakref
+
+    members = [build_model(tiny_cfg.model, (1, 8, 8), 10) for _ in range(2)]
+    stack = stacking.Stack(members).train()
+    stack(torch.randn(2, 4, 1, 8, 8)).sum().backward()
+    fused = weakref.ref(stack.fused[0]["weight"].tensor)
+    gc.disable()
+    try:
+        del stack
+        assert fused() is None
+    finally:
+        gc.enable()
+    assert all(parameter.grad is not None for parameter in members[0].parameters())  # the members keep theirs
+
+
 def test_dropout_keeps_each_members_own_rate(tiny_cfg):
     models = []
     for rate in (0.0, 0.5):
