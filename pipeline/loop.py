@@ -346,7 +346,8 @@ def fit_together(members: list[Member], device: torch.device,
 
 def _groups(running: list[Member], device: torch.device) -> list[list[Member]]:
     """The runs one forward pass computes together: same model signature, batch size and batches per epoch (63 and
-    64 give digits' 1221 images 20 batches each), precision and memory format. Runs that cannot be fused (other models, fp16's per-run loss scale, torch.compile) are alone."""
+    64 give digits' 1221 images 20 batches each), precision and memory format. Runs that cannot be fused (other
+    models, fp16's per-run loss scale, torch.compile) are alone."""
     groups: dict[Any, list[Member]] = {}
     for member in running:
         signature, dtype = stacking.signature(member.model), _dtype(member, device)
