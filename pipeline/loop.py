@@ -9,11 +9,14 @@ host: losses and hits accumulate on the device and are read once per epoch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -419,8 +422,9 @@ def _end_if_done(member: Member) -> None:
     member.result = FitResult(member.history, member.best_epoch, member.best_score, member.best_state,
                               stopped_early, time.perf_counter() - member.started)
     try:
-        for callback in member.callbacks:
-            callback.on_fit_end(member.result)
+        with _whole():
+            for callback in member.callbacks:
+                callback.on_fit_end(member.result)
     except Exception as err:  # noqa: BLE001 - the run's own failure: the others go on; `fit` raises it
         member.error = err
 
@@ -476,8 +480,33 @@ def _end_epoch(member: Member, metrics: EpochMetrics) -> None:
             "best_epoch": member.best_epoch, "best_score": member.best_score, "best_state": member.best_state,
             "bad_epochs": member.bad_epochs, "rng": _capture_rng(member.train_batches),
         })
-    for callback in member.callbacks:
-        callback.on_epoch_end(metrics)
+    with _whole():
+        for callback in member.callbacks:
+            callback.on_epoch_end(metrics)
+
+
+@contextlib.contextmanager
+def _whole():
+    """Ctrl-C or SIGTERM arriving inside the block takes effect as it ends, so an epoch reaches every callback of
+    a run or none: interrupted in between, tracking would keep an epoch the pruner (the Optuna trial) never saw.
+    Only the main thread receives signals; elsewhere the block runs as it is."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
+        yield  # None: a handler not set from Python, which could not be put back
+        return
+    arrived: list[tuple[int, Any]] = []
+    for number in handlers:
+        signal.signal(number, lambda *received: arrived.append(received))
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        for number, frame in arrived[:1]:  # as it would have been received: the handler raises, or the default
+            if callable(handlers[number]):
+                handlers[number](number, frame)
+            elif handlers[number] == signal.SIG_DFL:
+                signal.raise_signal(number)
 
 
 def train_one_epoch(forward: nn.Module, members: list[Member], dtype, device: torch.device,

@@ -1,5 +1,6 @@
 """The shared loop, run for real on the digits tensors (a few epochs, CPU)."""
 
+import signal
 from dataclasses import asdict
 
 import pytest
@@ -214,3 +215,32 @@ def test_processes_training_at_once_share_the_cores():
     assert loop.thread_count(None, 4, 16, None) == 4 and loop.thread_count(None, 4, 2, None) == 1
     assert loop.thread_count(None, 1, 16, "1") == 1  # OMP_NUM_THREADS caps the share
     assert loop.thread_count(3, 4, 16, "1") == 3  # train.threads is what it says
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_callbacks_hear_of_an_epoch_waits_until_all_have(digits, tiny_cfg, number):
+    """Ctrl-C or SIGTERM (the CLI raises both as KeyboardInterrupt) landing while the loop tells a run's callbacks
+    that an epoch ended takes effect once every callback has it: tracking never keeps an epoch that the pruner,
+    and so the Optuna trial, never saw."""
+
+    class Heard(loop.Callback):
+        def __init__(self, interrupt_at=None):
+            self.epochs, self.interrupt_at = [], interrupt_at
+
+        def on_epoch_end(self, metrics):
+            self.epochs.append(metrics.epoch)
+            if metrics.epoch == self.interrupt_at:
+                signal.raise_signal(number)
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    first, second = Heard(interrupt_at=2), Heard()
+    previous = signal.signal(number, interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(digits, tiny_cfg, [first, second])
+        assert signal.getsignal(number) is interrupted  # the handler is back
+    finally:
+        signal.signal(number, previous)
+    assert first.epochs == second.epochs == [1, 2]
