@@ -181,19 +181,25 @@ def test_a_population_out_of_device_memory_fails_its_trials_and_halves(in_prepar
     assert "out of device memory with 4 trials at once: now at most 2" in capsys.readouterr().err
 
 
+def batch_size_search(repo, n_trials: int, startup: int):
+    """An untracked MLP search of batch size and lr, populations of 3, random sampler, storage in `repo`."""
+    from pipeline.config import load_config
+
+    space = {"train.batch_size": {"choices": [32, 64, 128]}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    return load_config(REPO / "params.yaml", [
+        "model.name=mlp", "tune.epochs=1", f"tune.n_trials={n_trials}", f"tune.startup_trials={startup}",
+        "tune.population=3", "tune.sampler=random", f"tune.space={json.dumps(space)}",
+        f"tune.storage={repo / 's.journal'}", "tracking.enabled=false", "train.device=cpu"])
+
+
 @pytest.mark.parametrize("startup", [0, 3])
 def test_a_population_shares_its_batch_size_and_the_next_one_draws_its_own(in_prepared_repo, startup):
     """Trials that train together share the searched params that fix tensor shapes (here the batch size), or they
     would be separate models taking turns; each tune.population trials in a row, the sampler draws them anew. The
     random startup trials draw their own: the sampler must see several values before it holds one."""
     from pipeline import paths, tuning
-    from pipeline.config import load_config
 
-    space = {"train.batch_size": {"choices": [32, 64, 128]}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}
-    cfg = load_config(REPO / "params.yaml", [
-        "model.name=mlp", "tune.epochs=1", "tune.n_trials=9", f"tune.startup_trials={startup}", "tune.population=3",
-        "tune.sampler=random", f"tune.space={json.dumps(space)}", f"tune.storage={in_prepared_repo / 's.journal'}",
-        "tracking.enabled=false", "train.device=cpu"])
+    cfg = batch_size_search(in_prepared_repo, n_trials=9, startup=startup)
     tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
     trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
     sizes = [t.params["train.batch_size"] for t in trials]
@@ -212,13 +218,8 @@ def test_a_trial_that_came_with_its_own_values_is_not_said_to_be_held(in_prepare
     """An enqueued trial (params.yaml's, a retry) keeps its own values whatever a population holds, and does not
     claim otherwise; it trains beside the population, a shape of its own."""
     from pipeline import paths, tuning
-    from pipeline.config import load_config
 
-    space = {"train.batch_size": {"choices": [32, 64, 128]}, "train.lr": {"low": 1e-3, "high": 1e-2, "log": True}}
-    cfg = load_config(REPO / "params.yaml", [
-        "model.name=mlp", "tune.epochs=1", "tune.n_trials=3", "tune.startup_trials=0", "tune.population=3",
-        "tune.sampler=random", f"tune.space={json.dumps(space)}", f"tune.storage={in_prepared_repo / 's.journal'}",
-        "tracking.enabled=false", "train.device=cpu"])
+    cfg = batch_size_search(in_prepared_repo, n_trials=3, startup=0)
     search = tuning.open_search(cfg, paths.PREPARED_DIR)  # params.yaml's trial (batch 64) is enqueued first
     search.study.enqueue_trial({"train.batch_size": 128, "train.lr": 5e-3})  # as a retried trial is
     assert tuning.run_worker(search)
