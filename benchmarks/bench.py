@@ -6,7 +6,8 @@
 
 Every comparison runs A and B interleaved (A B A B ...) after a warm-up, in this process where possible, with
 the same model, batch size, optimizer, samples and thread count, and reports median, min and max per side and
-the ratio B/A of the medians (reference time / ours: above 1 means ours is faster). Targets are printed beside
+the ratio B/A of the medians (reference time / ours: above 1 means ours is faster; where each pair is a workload
+of its own, such as a search with its own seed, the median of the pairs' ratios). Targets are printed beside
 the ratio and marked when missed; a reference is never tuned down. Data is generated in the official formats
 (MNIST: 1x28x28 x 60,000, 10 classes; CIFAR: 3x32x32 x 50,000), so everything runs offline. Results also go to
 reports/bench/results.json.
@@ -60,11 +61,17 @@ class Row:
     higher_is_better: bool = False  # samples/s: ratio = ours / reference
     note: str = ""
     extra: dict = field(default_factory=dict)
+    # a_values[i] and b_values[i] measure one workload of their own (e.g. a search with seed i, which trains other
+    # trials than seed j): the ratio is the median of the pairs' ratios, never of two medians of other workloads
+    paired: bool = False
 
     @property
     def ratio(self) -> float:
         if not (self.a_values and self.b_values):
             return float("nan")
+        if self.paired:
+            return statistics.median((a / b if self.higher_is_better else b / a)
+                                     for a, b in zip(self.a_values, self.b_values))
         a, b = statistics.median(self.a_values), statistics.median(self.b_values)
         numerator, denominator = (a, b) if self.higher_is_better else (b, a)
         return numerator / denominator if denominator else float("nan")
@@ -399,6 +406,36 @@ class SearchRun(NamedTuple):
     epochs: int  # trained, over every trial
     best: float  # the best trial's value
     params: dict  # the best trial's params
+    passes: int  # training steps as the loop took them: one forward pass computes a population's fused trials
+    longest: int  # the most steps one trial took
+
+
+@contextlib.contextmanager
+def counting_passes():
+    """Counts the loop's training forward passes (`loop.train_one_epoch` takes one per batch of a group), in all
+    and per trial: yields {"passes": int, "trials": {id: [member, steps]}}.
+
+    A device that waits on its host (a GPU running small models) spends about as long on a step of 16 fused
+    trials as on a step of one, at any batch size. There a population can be at most (one trial at a time's
+    passes) / (its passes) times faster: the bound set by which trials it could train together. And no schedule
+    beats (one trial at a time's passes) / (its longest trial's steps), which that trial takes one after another.
+    (On a CPU a step's cost grows with its batch and its trials: these bound nothing there.)
+    """
+    counts = {"passes": 0, "trials": {}}
+    original = loop.train_one_epoch
+
+    def counting(forward, members, *args, **kwargs):
+        steps = len(members[0].train_batches)  # a group's members share their batch size and data
+        counts["passes"] += steps
+        for member in members:  # the member is kept: its id stays its own
+            counts["trials"].setdefault(id(member), [member, 0])[1] += steps
+        return original(forward, members, *args, **kwargs)
+
+    loop.train_one_epoch = counting  # the loop looks it up at each epoch
+    try:
+        yield counts
+    finally:
+        loop.train_one_epoch = original
 
 
 def run_search(prepared: data.PreparedData, overrides: list[str]) -> SearchRun:
@@ -414,13 +451,14 @@ def run_search(prepared: data.PreparedData, overrides: list[str]) -> SearchRun:
     cwd = os.getcwd()
     os.chdir(journal.parent)  # the search writes reports/tune/ where it runs
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), counting_passes() as passes:
             record = tuning.tune(cfg, prepared_dir, worker_args=[])
+            seconds = time.perf_counter() - tick
             study = tuning.open_search(cfg, prepared_dir).study
     finally:
         os.chdir(cwd)
-    return SearchRun(time.perf_counter() - tick, sum(len(t.intermediate_values) for t in study.trials),
-                     record["value"], record["params"])
+    return SearchRun(seconds, sum(len(t.intermediate_values) for t in study.trials), record["value"],
+                     record["params"], passes["passes"], max(steps for _, steps in passes["trials"].values()))
 
 
 def retrain_noise(prepared: data.PreparedData, search: SearchRun, overrides: list[str], seeds: int) -> float:
@@ -507,15 +545,28 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
             # of an epoch does: both are shown
             per_epoch = ", ".join(f"{1000 * a.seconds / a.epochs:.0f} vs {1000 * b.seconds / b.epochs:.0f}"
                                   for a, b in paired)
+            # ...and which of them it could train together bounds the speed-up whatever a step costs (see
+            # `counting_passes`): the ratio of forward passes, and of the sequential passes to the longest trial
+            passes = ", ".join(f"{a.passes} vs {b.passes}" for a, b in paired)
+            schedule = statistics.median(b.passes / a.passes for a, b in paired)
+            longest = statistics.median(b.passes / a.longest for a, b in paired)
+            each = ", ".join(f"{b.seconds / a.seconds:.2f}x" for a, b in paired)
+            ratios = f"ratios {each}; " if len(paired) > 1 else ""
             rows.append(Row(f"search, {name}, population {size}", f"{size} trials at once", "one trial at a time",
                             "s/search", [a.seconds for a, _ in paired], [b.seconds for _, b in paired],
                             target=(10.0 if gpu else 1.5) if judged else None, condition=within if judged else None,
-                            note=f"{what}{f', seeds {seeds}' if len(paired) > 1 else ''}; best val_loss {best}"
+                            paired=True,
+                            note=f"{what}{f', seeds {seeds}' if len(paired) > 1 else ''}; {ratios}best val_loss {best}"
                                  + ("" if noise is None else f" ({'within' if within else 'MISSED: beyond'} the "
                                                              f"noise, stdev {noise:.4f})")
-                                 + f"; epochs {epochs}; ms per epoch trained {per_epoch}",
+                                 + f"; epochs {epochs}; ms per epoch trained {per_epoch}; forward passes {passes}:"
+                                 f" were every step to cost the same (a GPU waiting on its host), at most "
+                                 f"{schedule:.2f}x with this schedule, {longest:.2f}x with any (its longest trial)",
                             extra={"best": [[a.best, b.best] for a, b in paired],
                                    "epochs": [[a.epochs, b.epochs] for a, b in paired],
+                                   "passes": [[a.passes, b.passes] for a, b in paired],
+                                   "longest": [a.longest for a in population],
+                                   "bounds": {"schedule": schedule, "any_schedule": longest},
                                    **({"noise_stdev": noise} if noise is not None else {})}))
     return rows
 
