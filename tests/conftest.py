@@ -52,6 +52,14 @@ def tiny_cfg() -> Config:
     return load_config(REPO / "params.yaml", ["train.epochs=3", "train.device=cpu"])
 
 
+def member(cfg: Config, prepared, callbacks=(), device: torch.device = torch.device("cpu")):
+    """A run of the loop (`loop.Member`) for `cfg` on `prepared`: its seeded model and batches, as a trial's."""
+    from pipeline import loop, training
+
+    model, train_batches, val_batches = training.setup(cfg, prepared, device)
+    return loop.Member(model, cfg.train, train_batches, val_batches, callbacks)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from pipeline import data, datasets

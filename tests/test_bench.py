@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
-from pipeline import loop, training
+from conftest import REPO, member
+from pipeline import loop
 
 CPU = torch.device("cpu")
 _spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
@@ -19,10 +19,8 @@ _spec.loader.exec_module(bench)
 
 def test_a_fused_group_counts_one_pass_per_batch_and_each_trial_its_own_steps(digits, tiny_cfg):
     cfg = tiny_cfg.with_overrides({"model.name": "mlp", "train.epochs": 2})
-    runs = []
-    for overrides in ({"train.lr": 1e-3}, {"train.lr": 2e-3}, {"train.lr": 3e-3}, {"train.batch_size": 32}):
-        model, train_batches, val_batches = training.setup(cfg.with_overrides(overrides), digits, CPU)
-        runs.append(loop.Member(model, cfg.with_overrides(overrides).train, train_batches, val_batches))
+    runs = [member(cfg.with_overrides(overrides), digits)
+            for overrides in ({"train.lr": 1e-3}, {"train.lr": 2e-3}, {"train.lr": 3e-3}, {"train.batch_size": 32})]
     original = loop.train_one_epoch
     with bench.counting_passes() as counts:
         loop.fit_together(runs, CPU)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import member
 from pipeline import loop, stacking, training, tuning
 from pipeline.models import build_model
 
@@ -41,11 +42,6 @@ class StopAt(loop.Callback):
     def on_epoch_end(self, metrics):
         if metrics.epoch == self.epoch:
             raise Pruned(f"after epoch {metrics.epoch}")
-
-
-def member(cfg, prepared, callbacks=(), device=CPU):
-    model, train_batches, val_batches = training.setup(cfg, prepared, device)
-    return loop.Member(model, cfg.train, train_batches, val_batches, callbacks)
 
 
 def assert_same_history(together, alone):
