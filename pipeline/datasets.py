@@ -122,14 +122,17 @@ def load_digits() -> RawDataset:
 # ---------------------------------------------------------------- download
 
 def download(name: str, root: Path, mirror: str | None = None, retries: int = 3,
-             checksums: dict[str, str] | None = None, local: Path | None = None) -> list[Path]:
+             checksums: dict[str, str] | None = None, local: Path | None = None, own: Path | None = None
+             ) -> list[Path]:
     """Put a torchvision dataset's verified raw files into `root` (e.g. data/raw/mnist/); returns what it holds.
 
     Each file is taken from the first place that has it with an accepted MD5
     (see `accepted_md5s`): `root` itself, a local copy (`local`, i.e.
-    `data.path`, or torchvision's layout beside `root`), and only then the
-    network: `mirror` (http(s):// or file://) instead of torchvision's mirrors,
-    each URL tried `1 + retries` times on transient errors.
+    `data.path`; `own`, the user's folder of copies, data/local/<name>/; or
+    torchvision's layout beside either), and only then the network: `mirror`
+    (http(s):// or file://) instead of torchvision's mirrors, each URL tried
+    `1 + retries` times on transient errors. `root` is a DVC output, which DVC
+    empties before the stage runs: a user's copies belong in `own`, never there.
     """
     check_dataset_name(name)
     if mirror is not None and urlsplit(mirror).scheme not in ("http", "https", "file"):
@@ -138,9 +141,10 @@ def download(name: str, root: Path, mirror: str | None = None, retries: int = 3,
         raise UserError(f"download retries must be >= 0, got {retries}")
     checksums = checksums or {}
     root.mkdir(parents=True, exist_ok=True)
-    sources = local_sources(name, root, local)
+    sources = local_sources(name, root, local, own)
+    own = own or root  # where a failed download tells the user to put their copy
     if name == "cifar10":
-        return [download_cifar(root, sources, local, mirror, retries, checksums)]
+        return [download_cifar(root, sources, local, own, mirror, retries, checksums)]
     dataset = IDX_CLASSES[name]
     fetched = []
     for filename, md5 in dataset.resources:
@@ -148,7 +152,7 @@ def download(name: str, root: Path, mirror: str | None = None, retries: int = 3,
         found = in_root(root, forms) or copy_local(sources, root, forms)
         if found is None:
             urls = [base + filename for base in dataset.mirrors] if mirror is None else [mirror_url(mirror, filename)]
-            found = fetch_verified(root / filename, forms[filename], urls, retries)
+            found = fetch_verified(root / filename, forms[filename], urls, retries, own)
         fetched.append(found)
     return fetched
 
@@ -165,10 +169,11 @@ def idx_forms(name: str, gz_name: str, gz_md5: str, checksums: dict[str, str]) -
             plain: accepted_md5s(UNCOMPRESSED_MD5.get(name, {}).get(plain), plain, checksums)}
 
 
-def local_sources(name: str, root: Path, local: Path | None) -> list[Path]:
-    """Folders that may hold a local copy: torchvision's layouts (`<tv root>/MNIST/raw/`) and `data.path`."""
+def local_sources(name: str, root: Path, local: Path | None, own: Path | None = None) -> list[Path]:
+    """Folders that may hold a local copy, flat or in torchvision's layout (`<tv root>/MNIST/raw/`): `data.path`,
+    the user's own copies (data/local/<name>/, data/local/MNIST/raw/) and torchvision's layouts around `root`."""
     sub = Path(IDX_CLASSES[name].__name__) / "raw" if name in IDX_CLASSES else Path(CIFAR10.base_folder)
-    sources = [root / sub, root.parent / sub]
+    sources = [*([own, own / sub, own.parent / sub] if own is not None else []), root / sub, root.parent / sub]
     if local is not None:
         if not local.is_dir():
             raise UserError(f"data.path {local} is not a folder; point it at your copy of the {name} files")
@@ -224,8 +229,8 @@ def set_aside(path: Path, actual: str, accepted: set[str]) -> Path:
     return aside
 
 
-def download_cifar(root: Path, sources: list[Path], local: Path | None, mirror: str | None, retries: int,
-                   checksums: dict[str, str]) -> Path:
+def download_cifar(root: Path, sources: list[Path], local: Path | None, own: Path, mirror: str | None,
+                   retries: int, checksums: dict[str, str]) -> Path:
     """The extracted batches folder: kept if intact, else copied from a local copy, else extracted from the
     (local or downloaded) archive."""
     folder = root / CIFAR10.base_folder
@@ -238,11 +243,12 @@ def download_cifar(root: Path, sources: list[Path], local: Path | None, mirror: 
                 print(f"using local copy {candidate} (MD5s verified)", file=sys.stderr)
                 return folder
     forms = {CIFAR10.filename: accepted_md5s(CIFAR10.tgz_md5, CIFAR10.filename, checksums)}
-    archive_sources = [*([local] if local else []), root.parent]  # data.path, torchvision's root (data/raw)
+    # data.path, the user's own copies (data/local/cifar10/ and data/local/), torchvision's root (data/raw)
+    archive_sources = [*([local] if local else []), *([own, own.parent] if own != root else []), root.parent]
     archive = in_root(root, forms) or copy_local(archive_sources, root, forms)
     if archive is None:
         urls = [CIFAR10.url] if mirror is None else [mirror_url(mirror, CIFAR10.filename)]
-        archive = fetch_verified(root / CIFAR10.filename, forms[CIFAR10.filename], urls, retries)
+        archive = fetch_verified(root / CIFAR10.filename, forms[CIFAR10.filename], urls, retries, own)
     extract_tar(archive, folder)
     if not cifar_folder_intact(folder, checksums):
         raise UserError(f"{archive} passed its MD5 check but its batch files do not: delete {archive} and run again")
@@ -278,7 +284,7 @@ def mirror_url(mirror: str, filename: str) -> str:
     return mirror.rstrip("/") + "/" + filename
 
 
-def fetch_verified(path: Path, accepted: set[str], urls: list[str], retries: int) -> Path:
+def fetch_verified(path: Path, accepted: set[str], urls: list[str], retries: int, own: Path) -> Path:
     """`path` downloaded from the first of `urls` that works, with one of the `accepted` MD5s."""
     failures = []
     for url in urls:
@@ -288,7 +294,7 @@ def fetch_verified(path: Path, accepted: set[str], urls: list[str], retries: int
         except DownloadFailed as error:
             failures.append(f"{url}: {error}")
     raise UserError(f"could not download {path.name}: " + "; ".join(failures) + "; or place your copy of the file "
-                    f"in {path.parent} (compressed or not) and run again")
+                    f"in {own} (compressed or not) and run again")
 
 
 class DownloadFailed(Exception):

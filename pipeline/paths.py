@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RAW_DIR = Path("data/raw")
+# Users' own copies of a dataset's official files: no stage owns this folder, so no DVC command ever deletes or
+# checks out over it (DVC empties a stage's output folder before the stage runs). Git-ignored.
+OWN_COPIES_DIR = Path("data/local")
 PREPARED_DIR = Path("data/prepared")
 MODELS_DIR = Path("models")
 REPORTS_DIR = Path("reports")
@@ -32,6 +35,12 @@ FINAL = "final"  # run name of the model `report` presents (model.name trained b
 
 def raw_dir(dataset: str) -> Path:
     return RAW_DIR / dataset
+
+
+def own_copies(dataset: str) -> Path:
+    """Where a user keeps their copy of a dataset's files: in the repository the user works in, also when a
+    queued or temporary experiment runs in a copy of it (see `project_root`)."""
+    return project_root() / OWN_COPIES_DIR / dataset
 
 
 def eval_dir(run_name: str) -> Path:

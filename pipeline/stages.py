@@ -56,7 +56,7 @@ def download(cfg: Config) -> None:
         if cfg.data.name in datasets.TORCHVISION_DATASETS:
             local = Path(cfg.data.path) if cfg.data.path else None
             fetched = datasets.download(cfg.data.name, out, cfg.data.mirror, cfg.data.retries, cfg.data.checksums,
-                                        local)
+                                        local, paths.own_copies(cfg.data.name))
             print(f"verified {cfg.data.name}: {', '.join(path.name for path in fetched)} in {out}")
             return
         # DVC sees a folder outside the repo only through this manifest: re-run `download` after changing it.

@@ -551,13 +551,16 @@ def offline_mnist(monkeypatch, mirror, fake_mnist):
     return plain
 
 
-@pytest.mark.parametrize("layout", ["ours", "torchvision beside", "data.path flat", "data.path torchvision"])
+@pytest.mark.parametrize("layout", ["ours", "torchvision beside", "data.path flat", "data.path torchvision",
+                                    "own flat", "own torchvision"])
 def test_uncompressed_local_copies_are_used_without_any_network_access(layout, offline_mnist, fake_mnist, mirror,
                                                                         tmp_path):
     root = tmp_path / "data" / "raw" / "mnist"
     local = tmp_path / "elsewhere" if layout.startswith("data.path") else None
+    own = tmp_path / "data" / "local" / "mnist"
     folder = {"ours": root, "torchvision beside": tmp_path / "data" / "raw" / "MNIST" / "raw",
-              "data.path flat": local, "data.path torchvision": local and local / "MNIST" / "raw"}[layout]
+              "data.path flat": local, "data.path torchvision": local and local / "MNIST" / "raw",
+              "own flat": own, "own torchvision": own.parent / "MNIST" / "raw"}[layout]
     folder.mkdir(parents=True)
     for index, (name, blob) in enumerate(offline_mnist.items()):
         if index == 0 and layout != "ours":  # compressed and uncompressed files mixed
@@ -566,7 +569,7 @@ def test_uncompressed_local_copies_are_used_without_any_network_access(layout, o
             (folder / name).write_bytes(blob)
     before = {path: path.read_bytes() for path in folder.iterdir()}
 
-    datasets.download("mnist", root, local=local)
+    datasets.download("mnist", root, local=local, own=own)
     raw = datasets.load_raw("mnist", root)
 
     assert sum(mirror.requests.values()) == 0
@@ -621,3 +624,32 @@ def test_an_extracted_cifar_copy_needs_no_archive(mirror, fake_cifar, monkeypatc
     datasets.download("cifar10", tmp_path / "raw", mirror=mirror.url, local=tmp_path / "copy")
     assert torch.equal(datasets.load_raw("cifar10", tmp_path / "raw").train_images, fake_cifar.train_images)
     assert sum(mirror.requests.values()) == 0
+
+
+# ---------------------------------------------------------------- the user's copies survive every DVC route
+
+@pytest.mark.slow
+def test_own_copies_in_data_local_survive_dvc_exp_run_in_the_workspace_and_in_a_temporary_copy(tmp_path):
+    """DVC empties a stage's output folder (data/raw/<name>/) before the stage runs: copies a user put there were
+    gone before `download` looked. data/local/<name>/ belongs to no stage, and a queued or temporary experiment,
+    which runs in a copy of the repo, still finds it in the user's repository."""
+    from conftest import copy_repo, edit_params, git, run_dvc
+
+    repo = copy_repo(tmp_path / "repo")
+    fake = mnist_files()
+    own = repo / "data" / "local" / "mnist"
+    own.mkdir(parents=True)
+    for name, blob in fake.files.items():
+        (own / name).write_bytes(blob)
+    # the fake files' MD5s are the user's trusted ones; a port nobody serves makes any network use fail at once
+    edit_params(repo, {"data.checksums": {name: md5(blob) for name, blob in fake.files.items()},
+                       "data.mirror": "http://127.0.0.1:9/", "data.retries": 0})
+    git(repo, "commit", "-qam", "private copies")
+    assert git(repo, "status", "--porcelain").stdout == ""  # data/local/ is git-ignored: the user's, not git's
+
+    for how in (["--temp"], []):  # a temporary copy (as --queue runs), then the workspace
+        result = run_dvc("exp", "run", *how, "download", "-S", "data.name=mnist", cwd=repo)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert {path.name: path.read_bytes() for path in own.iterdir()} == fake.files  # untouched
+    raw = repo / "data" / "raw" / "mnist"
+    assert {path.name: path.read_bytes() for path in raw.iterdir()} == fake.files
