@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline import data, loop, models, processes, training  # noqa: E402
+from pipeline import data, devices, loop, models, population, processes, training  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 OUT = REPO / "reports" / "bench" / "results.json"
@@ -163,13 +163,13 @@ def cfg_for(model: str, **train):
 def our_epoch(cfg, prepared: data.PreparedData, device: torch.device):
     """One training epoch through the shared loop's train_one_epoch, on resident data; returns a timer."""
     model, train_batches, val_batches = training.setup(cfg, prepared, device)  # streamed: a DataLoader's workers
-    member = loop.Member(model, cfg.train, train_batches, val_batches)
-    loop.start(member, device)  # on the device, in the configured memory format, with its optimizer
-    dtype = loop.autocast_dtype(cfg.train.precision, device, loop.has_convolutions(model))
+    trained = loop.Run(model, cfg.train, train_batches, val_batches)
+    trained.start(device)  # on the device, in the configured memory format, with its optimizer
+    dtype = trained.dtype(device)
 
     def run() -> float:
         tick = time.perf_counter()
-        loop.train_one_epoch(model, [member], dtype, device)
+        loop.train_one_epoch(model, trained, dtype, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - tick
@@ -289,9 +289,9 @@ def compare_folder(args, device: torch.device) -> list[Row]:
 
 def describe_format(cfg, device) -> str:
     model = models.build_model(cfg.model, (1, 28, 28), 10)
-    dtype = loop.autocast_dtype(cfg.train.precision, device, loop.has_convolutions(model))
+    dtype = devices.autocast_dtype(cfg.train.precision, device, devices.has_convolutions(model))
     return (f"{str(dtype).removeprefix('torch.') if dtype else 'fp32'}"
-            f"{', channels_last' if loop.uses_channels_last(cfg.train, model) else ''}")
+            f"{', channels_last' if devices.uses_channels_last(cfg.train, model) else ''}")
 
 
 def compare_lightning(args, mnist: data.PreparedData, subset: data.PreparedData, device: torch.device) -> list[Row]:
@@ -412,8 +412,8 @@ class SearchRun(NamedTuple):
 
 @contextlib.contextmanager
 def counting_passes():
-    """Counts the loop's training forward passes (`loop.train_one_epoch` takes one per batch of a group), in all
-    and per trial: yields {"passes": int, "trials": {id: [member, steps]}}.
+    """Counts a population's training forward passes (its `engine.train_one_epoch` takes one per batch of a
+    group, fused or alone), in all and per trial: yields {"passes": int, "trials": {id: [run, steps]}}.
 
     A device that waits on its host (a GPU running small models) spends about as long on a step of 16 fused
     trials as on a step of one, at any batch size. There a population can be at most (one trial at a time's
@@ -422,20 +422,21 @@ def counting_passes():
     (On a CPU a step's cost grows with its batch and its trials: these bound nothing there.)
     """
     counts = {"passes": 0, "trials": {}}
-    original = loop.train_one_epoch
+    engine = population.engine
+    original = engine.train_one_epoch
 
-    def counting(forward, members, *args, **kwargs):
-        steps = len(members[0].train_batches)  # a group's members share their batch size and data
+    def counting(forward, group, *args, **kwargs):
+        steps = len(group[0].train_batches)  # a group's runs share their batch size and data
         counts["passes"] += steps
-        for member in members:  # the member is kept: its id stays its own
-            counts["trials"].setdefault(id(member), [member, 0])[1] += steps
-        return original(forward, members, *args, **kwargs)
+        for run in group:  # the run is kept: its id stays its own
+            counts["trials"].setdefault(id(run), [run, 0])[1] += steps
+        return original(forward, group, *args, **kwargs)
 
-    loop.train_one_epoch = counting  # the loop looks it up at each epoch
+    engine.train_one_epoch = counting  # the engine looks it up at each epoch
     try:
         yield counts
     finally:
-        loop.train_one_epoch = original
+        engine.train_one_epoch = original
 
 
 def run_search(prepared: data.PreparedData, overrides: list[str]) -> SearchRun:
@@ -471,7 +472,7 @@ def retrain_noise(prepared: data.PreparedData, search: SearchRun, overrides: lis
     values = []
     for seed in range(1, seeds + 1):
         trial = tuning.trial_config(cfg, {**search.params, "seed": cfg.seed + seed})
-        device = loop.resolve_device(trial.train.device)
+        device = devices.resolve_device(trial.train.device)
         model, *batches = training.setup(trial, prepared, device)
         values.append(loop.fit(model, *batches, trial.train, device, []).best_score)
     return statistics.stdev(values)
@@ -535,8 +536,8 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
         sequential = runs[1]
         noise = retrain_noise(prepared, sequential[0], common, 2 if args.quick else 5) if default else None
         for size in sizes[1:]:
-            population = runs[size]
-            paired = list(zip(population, sequential))
+            together = runs[size]
+            paired = list(zip(together, sequential))
             within = None if noise is None else all(abs(a.best - b.best) <= noise for a, b in paired)
             judged = (default and size == DEFAULT_POPULATION) or (gpu and "cnn" in name)
             best = ", ".join(f"{a.best:.4g} vs {b.best:.4g}" for a, b in paired)
@@ -565,7 +566,7 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
                             extra={"best": [[a.best, b.best] for a, b in paired],
                                    "epochs": [[a.epochs, b.epochs] for a, b in paired],
                                    "passes": [[a.passes, b.passes] for a, b in paired],
-                                   "longest": [a.longest for a in population],
+                                   "longest": [a.longest for a in together],
                                    "bounds": {"schedule": schedule, "any_schedule": longest},
                                    **({"noise_stdev": noise} if noise is not None else {})}))
     return rows

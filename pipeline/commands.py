@@ -47,7 +47,7 @@ def predict(cfg: Config, images: list[str], model_uri: str | None) -> None:
 
 def reproduce(cfg: Config, run_id: str) -> None:
     """Retrain an MLflow run from its logged config on the same data; compare test metrics exactly."""
-    from pipeline import data, evaluation, loop, stages, tracking
+    from pipeline import data, devices, evaluation, stages, tracking
     from pipeline.config import parse_yaml, validate
 
     logged, tags, logged_metrics = tracking.fetch_run(cfg, run_id)
@@ -64,7 +64,7 @@ def reproduce(cfg: Config, run_id: str) -> None:
     with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:  # never touches models/ or reports/
         run_paths = RunPaths.of(role, Path(scratch))
         stages.train(retrain, role, run_paths)
-        y_true, y_pred, _ = stages.predict_test_set(run_paths.model, prepared, loop.resolve_device(retrain.train.device))
+        y_true, y_pred, _ = stages.predict_test_set(run_paths.model, prepared, devices.resolve_device(retrain.train.device))
     new = {f"test_{k}": v for k, v in evaluation.classification_metrics(y_true, y_pred).items()}
     old = {key: logged_metrics.get(key) for key in new}
     print(f"\n{'metric':<26}{'run ' + run_id[:8]:>14}{'reproduced':>14}")

@@ -1,4 +1,4 @@
-"""Who holds a run or a trial open, and whether that process still lives.
+"""Processes: who holds a run or a trial open, whether that process still lives, and signals held off.
 
 A SIGKILLed process cannot close what it opened. Runs and trials record the
 identity of their process (host, pid and start time, so a recycled pid does not
@@ -9,8 +9,12 @@ without heartbeats). Other hosts' orphans are left to heartbeats.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
+from typing import Any
 
 
 def available_cores() -> int:
@@ -48,3 +52,28 @@ def is_dead(owner: str) -> bool:
         return identity(int(pid)) != owner or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError):
         return True
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C or SIGTERM arriving inside the block takes effect as it ends, so what the block does happens whole
+    or not at all (e.g. an epoch reaches every callback of a run or none: interrupted in between, tracking would
+    keep an epoch the pruner never saw). Only the main thread receives signals; elsewhere the block runs as it is.
+    """
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
+        yield  # None: a handler not set from Python, which could not be put back
+        return
+    arrived: list[tuple[int, Any]] = []
+    for number in handlers:
+        signal.signal(number, lambda *received: arrived.append(received))
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        for number, frame in arrived[:1]:  # as it would have been received: the handler raises, or the default
+            if callable(handlers[number]):
+                handlers[number](number, frame)
+            elif handlers[number] == signal.SIG_DFL:
+                signal.raise_signal(number)

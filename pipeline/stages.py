@@ -115,12 +115,12 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
     Started by torchrun (`train --nproc N`), every rank trains and rank 0 alone
     writes, logs and tracks. Returns the MLflow run id (None with tracking off).
     """
-    from pipeline import data, distributed, loop, training
+    from pipeline import data, devices, distributed, loop, training
 
     run_paths = run_paths or RunPaths.of(run_name)
     prepared = data.load_prepared(paths.PREPARED_DIR)
-    world, device = distributed.init(loop.resolve_device(cfg.train.device))
-    threads = loop.set_threads(cfg.train.threads, world.size)  # ranks on one machine share its cores
+    world, device = distributed.init(devices.resolve_device(cfg.train.device))
+    threads = devices.set_threads(cfg.train.threads, world.size)  # ranks on one machine share its cores
     try:
         model, train_batches, val_batches = training.setup(cfg, prepared, device, world)
         checkpoints = loop.Checkpoints(run_paths.checkpoints, training.resume_key(cfg, prepared.md5),
@@ -199,9 +199,9 @@ def _log_training(cfg, run, run_name, run_paths, summary, result, prepared, worl
 
 def tune(cfg: Config, worker_args: list[str], worker: bool = False) -> None:
     """Optuna search over tune.space for model.name -> reports/tune/ (best_params.json, trials, plots)."""
-    from pipeline import loop, tuning
+    from pipeline import devices, tuning
 
-    loop.set_threads(cfg.train.threads, cfg.tune.workers if worker else 1)  # workers share the cores
+    devices.set_threads(cfg.train.threads, cfg.tune.workers if worker else 1)  # workers share the cores
     if worker:
         tuning.work(cfg, paths.PREPARED_DIR)
     else:
@@ -223,11 +223,11 @@ def tuned(cfg: Config, best_params: Path) -> Config:
 
 def evaluate(cfg: Config) -> None:
     """Test-set predictions of every trained model -> scikit-learn metrics and reports."""
-    from pipeline import data, evaluation, files, loop, reporting
+    from pipeline import data, devices, evaluation, files, reporting
 
     prepared = data.load_prepared(paths.PREPARED_DIR)
-    device = loop.resolve_device(cfg.train.device)
-    loop.set_threads(cfg.train.threads)
+    device = devices.resolve_device(cfg.train.device)
+    devices.set_threads(cfg.train.threads)
     for run_name in evaluated_runs(cfg):
         model_file = RunPaths.of(run_name).model
         y_true, y_pred, model_name = predict_test_set(model_file, prepared, device, cfg.data.loader_workers)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, distributed, loop, models
+from pipeline import data, devices, distributed, loop, models
 from pipeline.config import Config
 from pipeline.errors import UserError
 
@@ -28,13 +28,13 @@ def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
     if world.distributed and cfg.model.unfreeze_after:
         raise UserError("model.unfreeze_after with several processes: DistributedDataParallel cannot start "
                         "training parameters it did not train before; unfreeze in one process or fine-tune all")
-    loop.seed_everything(cfg.seed, cfg.train.deterministic)
+    devices.seed_everything(cfg.seed, cfg.train.deterministic)
     model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
     models.start_from_weights(model, cfg.model)
     mean, std = models.input_stats(cfg.model, prepared.mean, prepared.std)
     train_batches, val_batches = data.training_batches(
         dataclasses.replace(prepared, mean=mean, std=std), cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
-        drop_last=cfg.train.drop_last, channels_last=loop.uses_channels_last(cfg.train, model),
+        drop_last=cfg.train.drop_last, channels_last=devices.uses_channels_last(cfg.train, model),
         shard=(world.rank, world.size), workers=cfg.data.loader_workers)
     return model, train_batches, val_batches
 
@@ -43,8 +43,9 @@ def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
 def code_version() -> str:
     """Hash of the pipeline's source and torch's version: a resume point made by other code is not resumed."""
     digest = hashlib.sha256(torch.__version__.encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    package = Path(__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()
 
 

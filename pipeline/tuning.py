@@ -44,7 +44,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from pipeline import data, files, loop, paths, processes, stacking, training
+from pipeline import data, devices, files, loop, paths, population, processes, training
 from pipeline.config import Config, SearchDimension, TuneConfig, study_keys
 from pipeline.errors import UserError, first_line, redact
 from pipeline.metrics import EpochMetrics
@@ -257,19 +257,12 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str,
     return values
 
 
-# Searched params each trial of a population may have of its own: the loop fuses runs that differ only in these
-# (`loop._groups`; tests/test_population.py checks every one). Every other searched param (the model and its
-# widths, the batch size, the precision) fixes tensor shapes or kernels, so a population holds it equal: trials
-# that differ in it would be separate models taking turns, not one forward pass.
-OWN_PER_TRIAL = ("train.lr", "train.optimizer", "train.momentum", "train.nesterov", "train.weight_decay",
-                 "train.scheduler", "train.step_size", "train.gamma", "train.label_smoothing", "train.grad_clip",
-                 "train.patience", "model.dropout")
-
-
 def shared_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The params (as Optuna holds them) that trials training together must share (see OWN_PER_TRIAL)."""
-    return {key: value for key, value in params.items()
-            if key not in OWN_PER_TRIAL and not key.startswith("data.augment.")}
+    """The params (as Optuna holds them) that trials training together must share: every searched param but those
+    a fused run may have of its own (`population.own_per_run`). The others (the model and its widths, the batch
+    size, the precision) fix tensor shapes or kernels: trials differing in them would take turns, not share a
+    forward pass."""
+    return {key: value for key, value in params.items() if not population.own_per_run(key)}
 
 
 def _scalar_choices(dim: SearchDimension) -> bool:
@@ -328,7 +321,7 @@ def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
 
 def open_search(cfg: Config, prepared_dir: Path) -> Search:
     """Load (or create, once) the study; this process gets its own sampler stream."""
-    device = loop.resolve_device(cfg.train.device)
+    device = devices.resolve_device(cfg.train.device)
     prepared = data.load_prepared(prepared_dir)
     where = lock_url(cfg.tune)  # a gRPC proxy without tune.lock is refused before anything is opened
     storage = open_storage(cfg.tune)
@@ -437,17 +430,11 @@ class TrialRun:
         self._closing = contextlib.ExitStack()
         trial.set_user_attr("threads", torch.get_num_threads())  # shapes its numbers (summation order); see config
 
-    def start(self) -> loop.Member:
+    def start(self) -> loop.Run:
         """The trial as a run of the loop: its model, batches and callbacks."""
         search, cfg, trial = self.search, self.cfg, self.trial
         self.tick = time.perf_counter()
         model, train_batches, val_batches = training.setup(cfg, search.prepared, search.device)
-        # a model that cannot share a forward pass (ResNets, pretrained backbones), or that this device computes
-        # one member at a time (a CPU, large images: `stacking.members_per_call`), would only take turns with the
-        # others, K models in memory, and widen the search for nothing; streamed data would start a reader per trial
-        self.alone = (stacking.signature(model) is None or search.prepared.train.streamed
-                      or stacking.members_per_call(model, cfg.train.batch_size, search.prepared.input_shape[1:],
-                                                   search.device) == 1)
         self.run = self._closing.enter_context(training.tracked_run(
             cfg, f"{search.study.study_name}-trial-{trial.number:03d}", "trial", search.prepared.md5,
             parent_run_id=search.parent_run_id, finished_on=(optuna.TrialPruned,),
@@ -459,7 +446,9 @@ class TrialRun:
         # tracking first: a pruned trial's last epoch must still reach MLflow
         self.pruning = OptunaPruning(trial, cfg.tune.metric)
         callbacks = ([self.run.metrics] if self.run else []) + [self.pruning]
-        return loop.Member(model, cfg.train, train_batches, val_batches, callbacks, key=self)
+        trained = loop.Run(model, cfg.train, train_batches, val_batches, callbacks, key=self)
+        self.alone = population.alone(trained, search.device, search.prepared.input_shape[1:])
+        return trained
 
     def finish(self, result: loop.FitResult | None, error: BaseException | None) -> None:
         """Close the MLflow run, tell the study how the trial ended, print its line."""
@@ -552,13 +541,13 @@ def run_population(search: Search, deadline: float | None) -> bool:
         print("[tune] streamed data: trials train one at a time (each member of a population would start its own "
               f"{search.cfg.data.loader_workers} reader process(es))", file=sys.stderr, flush=True)
 
-    def next_members(ended: list[loop.Member], training: int) -> list[loop.Member]:
+    def next_runs(ended: list[loop.Run], training: int) -> list[loop.Run]:
         nonlocal full, explored
-        for member in ended:
-            open_runs.remove(member.key)
-            member.key.finish(member.result, member.error)
-            if member.error is not None and not isinstance(member.error, (optuna.TrialPruned, *TRIAL_FAILURES)):
-                raise member.error  # not the trial's params: the worker stops (the others are failed below)
+        for done in ended:  # a done run's key is its TrialRun
+            open_runs.remove(done.key)
+            done.key.finish(done.result, done.error)
+            if done.error is not None and not isinstance(done.error, (optuna.TrialPruned, *TRIAL_FAILURES)):
+                raise done.error  # not the trial's params: the worker stops (the others are failed below)
         joining = []
         size = 1 if any(run.alone for run in open_runs) else search.population
         if training < size and not explored:  # room for more: is the sampler still exploring at random?
@@ -578,7 +567,7 @@ def run_population(search: Search, deadline: float | None) -> bool:
         return joining
 
     try:
-        loop.fit_together([], search.device, next_members)
+        population.fit_together([], search.device, next_runs)
     except BaseException as err:  # e.g. out of GPU memory, Ctrl-C: every trial still training fails with it
         traceback.clear_frames(err.__traceback__)  # an open storage query's read lock would block the tells
         for run in open_runs:

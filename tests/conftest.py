@@ -53,11 +53,11 @@ def tiny_cfg() -> Config:
 
 
 def member(cfg: Config, prepared, callbacks=(), device: torch.device = torch.device("cpu")):
-    """A run of the loop (`loop.Member`) for `cfg` on `prepared`: its seeded model and batches, as a trial's."""
+    """A run of the loop (`loop.Run`) for `cfg` on `prepared`: its seeded model and batches, as a trial's."""
     from pipeline import loop, training
 
     model, train_batches, val_batches = training.setup(cfg, prepared, device)
-    return loop.Member(model, cfg.train, train_batches, val_batches, callbacks)
+    return loop.Run(model, cfg.train, train_batches, val_batches, callbacks)
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,24 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 ENTRY = ("__init__", "__main__", "cli")
+# the pipeline's modules by name: its files (loop.py: "loop") and its sub-packages (population/: "population")
+MODULES = {path.stem for path in PACKAGE.glob("*.py")} | {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+
+
+def _is_module(name: str) -> bool:
+    return (PACKAGE / f"{name}.py").exists() or (PACKAGE / name / "__init__.py").exists()
 
 
 def _tree(module: str) -> ast.Module:
-    return ast.parse((PACKAGE / f"{module}.py").read_text())
+    """A module's source; a sub-package's is every file of it, as one."""
+    sources = sorted((PACKAGE / module).rglob("*.py")) if (PACKAGE / module).is_dir() else [PACKAGE / f"{module}.py"]
+    return ast.Module(body=[node for source in sources for node in ast.parse(source.read_text()).body],
+                      type_ignores=[])
+
+
+def file_name(module: str) -> str:
+    """How dvc.yaml names a module: its file (loop.py) or its sub-package's folder (population)."""
+    return module if (PACKAGE / module).is_dir() else f"{module}.py"
 
 
 def _imported(node: ast.AST) -> set[str]:
@@ -26,7 +40,7 @@ def _imported(node: ast.AST) -> set[str]:
     for item in ast.walk(node):
         if isinstance(item, ast.ImportFrom) and item.module:
             if item.module == "pipeline":
-                found |= {alias.name for alias in item.names if (PACKAGE / f"{alias.name}.py").exists()}
+                found |= {alias.name for alias in item.names if _is_module(alias.name)}
             elif item.module.startswith("pipeline."):
                 found.add(item.module.split(".")[1])
         elif isinstance(item, ast.Import):
@@ -77,10 +91,10 @@ def stage_functions(command: str) -> set[str]:
 
 
 def stage_modules(command: str) -> set[str]:
-    """Every pipeline module `python -m pipeline <command>` can run, as file names (e.g. "loop.py")."""
+    """Every pipeline module `python -m pipeline <command>` can run, as dvc.yaml names them (`file_name`)."""
     stages = _tree("stages")
     functions = {node.name: node for node in stages.body if isinstance(node, ast.FunctionDef)}
     direct = set().union(*(_module_level(_tree(module)) for module in ENTRY), _module_level(stages),
                          *(_imported(statement) for statement in _cli_branch(command)),
                          *(_imported(functions[name]) for name in stage_functions(command)))
-    return {f"{module}.py" for module in closure(direct | {*ENTRY, "stages"}, shallow={*ENTRY, "stages"})}
+    return {file_name(module) for module in closure(direct | {*ENTRY, "stages"}, shallow={*ENTRY, "stages"})}

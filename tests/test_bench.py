@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, member
-from pipeline import loop
+from pipeline import population
+from pipeline.population import engine
 
 CPU = torch.device("cpu")
 _spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
@@ -21,10 +22,10 @@ def test_a_fused_group_counts_one_pass_per_batch_and_each_trial_its_own_steps(di
     cfg = tiny_cfg.with_overrides({"model.name": "mlp", "train.epochs": 2})
     runs = [member(cfg.with_overrides(overrides), digits)
             for overrides in ({"train.lr": 1e-3}, {"train.lr": 2e-3}, {"train.lr": 3e-3}, {"train.batch_size": 32})]
-    original = loop.train_one_epoch
+    original = engine.train_one_epoch
     with bench.counting_passes() as counts:
-        loop.fit_together(runs, CPU)
-    assert loop.train_one_epoch is original
+        population.fit_together(runs, CPU)
+    assert engine.train_one_epoch is original
     wide, narrow = len(runs[0].train_batches), len(runs[3].train_batches)  # batch 64 (three fused runs) and 32
     assert counts["passes"] == 2 * (wide + narrow)
     assert sorted(steps for _, steps in counts["trials"].values()) == sorted([2 * wide] * 3 + [2 * narrow])

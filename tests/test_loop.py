@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import data, loop, training
+from pipeline import data, devices, loop, optim, training
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.metrics import TIMING
@@ -123,7 +123,7 @@ SCHEDULERS = {"none": type(None), "step": torch.optim.lr_scheduler.StepLR,
 def test_optimizers_are_built_as_configured(tiny_cfg, optimizer):
     cfg = tiny_cfg.with_overrides({"train.optimizer": optimizer, "train.lr": 0.03, "train.weight_decay": 1e-4,
                                    "train.momentum": 0.8, "train.nesterov": True}).train
-    built = loop.build_optimizer(nn.Linear(2, 2).parameters(), cfg)
+    built = optim.build_optimizer(nn.Linear(2, 2).parameters(), cfg)
     group = built.param_groups[0]
     assert type(built) is OPTIMIZERS[optimizer]
     assert group["lr"] == 0.03 and group["weight_decay"] == 1e-4
@@ -141,7 +141,7 @@ def test_every_optimizer_and_scheduler_trains(digits, tiny_cfg, optimizer, sched
                                    "train.scheduler": scheduler, "train.step_size": 1, "train.nesterov": True,
                                    "train.weight_decay": 1e-4, "train.grad_clip": 1.0, "train.label_smoothing": 0.1,
                                    "train.lr": 0.01})
-    built, _ = loop.build_scheduler(loop.build_optimizer(nn.Linear(2, 2).parameters(), cfg.train), cfg.train, 10)
+    built, _ = optim.build_scheduler(optim.build_optimizer(nn.Linear(2, 2).parameters(), cfg.train), cfg.train, 10)
     assert type(built) is SCHEDULERS[scheduler]
     result = train(digits, cfg)
     assert result.history[-1].train_loss < result.history[0].train_loss
@@ -181,22 +181,22 @@ def test_diverging_loss_raises(digits, tiny_cfg):
 
 
 def test_device_and_format_resolution(tiny_cfg):
-    assert loop.resolve_device("cpu") == CPU
+    assert devices.resolve_device("cpu") == CPU
     native = " avx512_bf16" in open("/proc/cpuinfo").read() or " amx_bf16" in open("/proc/cpuinfo").read()
-    assert loop.autocast_dtype("auto", CPU) == (torch.bfloat16 if native else None)
-    assert loop.autocast_dtype("auto", CPU, convolutional=False) is None  # bf16 slows linear-only models here
-    assert loop.autocast_dtype("bf16", CPU) == torch.bfloat16 and loop.autocast_dtype("fp32", CPU) is None
+    assert devices.autocast_dtype("auto", CPU) == (torch.bfloat16 if native else None)
+    assert devices.autocast_dtype("auto", CPU, convolutional=False) is None  # bf16 slows linear-only models here
+    assert devices.autocast_dtype("bf16", CPU) == torch.bfloat16 and devices.autocast_dtype("fp32", CPU) is None
     cnn, mlp = (build_model(tiny_cfg.model.model_copy(update={"name": name}), (1, 8, 8), 10) for name in ("cnn", "mlp"))
-    assert loop.uses_channels_last(tiny_cfg.train, cnn) and not loop.uses_channels_last(tiny_cfg.train, mlp)
+    assert devices.uses_channels_last(tiny_cfg.train, cnn) and not devices.uses_channels_last(tiny_cfg.train, mlp)
     off = tiny_cfg.with_overrides({"train.channels_last": False}).train
-    assert not loop.uses_channels_last(off, cnn)
+    assert not devices.uses_channels_last(off, cnn)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_a_missing_device_is_a_user_error(device):
     with pytest.raises(UserError, match=f"train.device={device}, but this machine has no CUDA device"):
-        loop.resolve_device(device)
+        devices.resolve_device(device)
 
 
 @pytest.mark.gpu
@@ -211,10 +211,10 @@ def test_cuda_mixed_precision_channels_last_and_compile(digits, tiny_cfg):
 
 
 def test_processes_training_at_once_share_the_cores():
-    assert loop.thread_count(None, 1, 16, None) == 16
-    assert loop.thread_count(None, 4, 16, None) == 4 and loop.thread_count(None, 4, 2, None) == 1
-    assert loop.thread_count(None, 1, 16, "1") == 1  # OMP_NUM_THREADS caps the share
-    assert loop.thread_count(3, 4, 16, "1") == 3  # train.threads is what it says
+    assert devices.thread_count(None, 1, 16, None) == 16
+    assert devices.thread_count(None, 4, 16, None) == 4 and devices.thread_count(None, 4, 2, None) == 1
+    assert devices.thread_count(None, 1, 16, "1") == 1  # OMP_NUM_THREADS caps the share
+    assert devices.thread_count(3, 4, 16, "1") == 3  # train.threads is what it says
 
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])

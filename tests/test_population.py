@@ -1,4 +1,4 @@
-"""Several runs trained at once through the one loop (`loop.fit_together`, `stacking.Stack`): every run's numbers
+"""Several runs trained at once on the one loop (`population.fit_together`, `stacking.Stack`): every run's numbers
 are the numbers it gets alone, and runs join and leave while the others train on."""
 
 import copy
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from conftest import member
-from pipeline import loop, stacking, training, tuning
+from pipeline import loop, population, training
+from pipeline.population import fusion, stacking
 from pipeline.models import build_model
 
 CPU = torch.device("cpu")
@@ -71,7 +72,7 @@ def test_each_run_of_a_population_gets_the_numbers_it_gets_alone(digits, tiny_cf
         told.append(([each.key for each in ended], training_now))
         return [pending.pop(0)] if ended and pending else []
 
-    loop.fit_together(first, CPU, next_members)
+    population.fit_together(first, CPU, next_members)
 
     assert isinstance(first[1].error, Pruned) and first[1].result is None
     assert len(first[1].history) == 2
@@ -97,21 +98,21 @@ def test_ctrl_c_stops_the_whole_population(digits, tiny_cfg):
     runs = [member(tiny_cfg.with_overrides({**EXACT, **variant}), digits) for variant in VARIANTS[:2]]
     runs[1].callbacks = [Interrupt()]
     with pytest.raises(KeyboardInterrupt):
-        loop.fit_together(runs, CPU)
+        population.fit_together(runs, CPU)
     assert [len(run.history) for run in runs] == [1, 1] and not any(run.ended for run in runs)
 
 
 def test_runs_that_differ_only_in_what_a_trial_has_of_its_own_are_fused(digits, tiny_cfg):
-    """What a population search lets each trial draw (tuning.OWN_PER_TRIAL): runs differing in all of it are
-    still one forward pass. A key listed there that the loop cannot fuse would split every population."""
+    """What a population search lets each trial draw (fusion.OWN_PER_RUN): runs differing in all of it are
+    still one forward pass. A key listed there that the engine cannot fuse would split every population."""
     own = {"train.lr": 3e-3, "train.optimizer": "sgd", "train.momentum": 0.5, "train.nesterov": True,
            "train.weight_decay": 1e-3, "train.scheduler": "step", "train.step_size": 2, "train.gamma": 0.5,
            "train.label_smoothing": 0.1, "train.grad_clip": 1.0, "train.patience": 2, "model.dropout": 0.3}
-    assert set(own) == set(tuning.OWN_PER_TRIAL)
+    assert set(own) == set(fusion.OWN_PER_RUN)
     augmented = {"data.augment.crop_padding": 1, "data.augment.rotation": 10.0, "data.augment.brightness": 0.2}
     runs = [member(tiny_cfg.with_overrides(overrides), digits)
             for overrides in [{}, own, augmented, *({key: value} for key, value in own.items())]]
-    assert [len(group) for group in loop._groups(runs, CPU)] == [len(runs)]
+    assert [len(group) for group in population.groups(runs, CPU)] == [len(runs)]
 
 
 def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cfg):
@@ -119,20 +120,20 @@ def test_runs_are_fused_only_when_their_models_and_batches_match(digits, tiny_cf
         return [member(tiny_cfg.with_overrides({**EXACT, **each}), digits) for each in overrides]
 
     same = runs({"train.lr": 1e-3}, {"train.lr": 1e-2, "train.optimizer": "sgd"}, {"model.dropout": 0.3})
-    assert [len(group) for group in loop._groups(same, CPU)] == [3]
+    assert [len(group) for group in population.groups(same, CPU)] == [3]
     for member_ in same:
-        loop.start(member_, CPU)
+        member_.start(CPU)
     mixed = runs({}, {"train.batch_size": 32}, {"train.batch_size": 63}, {"model.channels": [16, 32]},
                  {"train.compile": True}, {"train.precision": "bf16"}, {"model.name": "resnet18"}, {})
     assert len(mixed[0].train_batches) == len(mixed[2].train_batches)  # batch 63 or 64: 20 batches
-    assert sorted(len(group) for group in loop._groups(mixed, CPU)) == [1, 1, 1, 1, 1, 1, 2]
+    assert sorted(len(group) for group in population.groups(mixed, CPU)) == [1, 1, 1, 1, 1, 1, 2]
 
 
 @pytest.mark.parametrize("model, chunked", [("cnn", False), ("cnn", True), ("mlp", False), ("logreg", False),
                                            ("digit_recognizer", True)])
 def test_a_stack_computes_what_its_members_compute(tiny_cfg, model, chunked, monkeypatch):
     if chunked:  # on a CPU, large convolutions are computed one member per call (`members_per_call`)
-        monkeypatch.setattr(stacking, "CPU_CONV_MEMBER_VALUES", 0)
+        monkeypatch.setattr(fusion, "CPU_CONV_MEMBER_VALUES", 0)
     cfg = tiny_cfg.with_overrides({"model.name": model, "model.dropout": 0.0})
     members = []
     for seed in range(3):
@@ -158,10 +159,10 @@ def test_a_cpu_fuses_convolutions_only_while_each_members_activations_are_small(
     batch size searched, 28x28 CNNs one at a time even at batch 16; linear models and GPUs fuse everything."""
     cnn, mlp = (build_model(tiny_cfg.with_overrides({"model.name": name}).model, (1, 8, 8), 10)
                 for name in ("cnn", "mlp"))
-    assert all(stacking.members_per_call(cnn, batch, (8, 8), CPU) == stacking.ALL for batch in (32, 64, 128))
-    assert stacking.members_per_call(cnn, 16, (28, 28), CPU) == 1
-    assert stacking.members_per_call(cnn, 128, (28, 28), torch.device("cuda")) == stacking.ALL
-    assert stacking.members_per_call(mlp, 128, (28, 28), CPU) == stacking.ALL
+    assert all(fusion.members_per_call(cnn, batch, (8, 8), CPU) == fusion.ALL for batch in (32, 64, 128))
+    assert fusion.members_per_call(cnn, 16, (28, 28), CPU) == 1
+    assert fusion.members_per_call(cnn, 128, (28, 28), torch.device("cuda")) == fusion.ALL
+    assert fusion.members_per_call(mlp, 128, (28, 28), CPU) == fusion.ALL
 
 
 def autograd_nodes(output: torch.Tensor) -> int:
@@ -255,7 +256,7 @@ def test_dropout_keeps_each_members_own_rate(tiny_cfg):
 
 def test_models_that_cannot_be_fused_are_refused_by_a_stack(tiny_cfg):
     resnet = build_model(tiny_cfg.with_overrides({"model.name": "resnet18"}).model, (3, 32, 32), 10)
-    assert stacking.signature(resnet) is None
+    assert fusion.signature(resnet) is None
     cnn = build_model(tiny_cfg.model, (1, 8, 8), 10)
     wider = build_model(tiny_cfg.with_overrides({"model.channels": [8, 16]}).model, (1, 8, 8), 10)
     with pytest.raises(ValueError, match="same fusable layers"):
@@ -274,7 +275,7 @@ def test_a_population_on_cuda_gets_the_numbers_its_runs_get_alone(digits, tiny_c
             model, train_batches, val_batches = training.setup(cfg, digits, cuda)
             alone.append(loop.fit(model, train_batches, val_batches, cfg.train, cuda))
         together = [member(cfg, digits, device=cuda) for cfg in cfgs]
-        loop.fit_together(together, cuda)
+        population.fit_together(together, cuda)
         for mine, theirs in zip(together, alone):
             assert_same_history(mine.result.history, theirs.history)
     finally:
@@ -282,7 +283,7 @@ def test_a_population_on_cuda_gets_the_numbers_its_runs_get_alone(digits, tiny_c
     # the default format on CUDA (bf16 autocast): rounding differs (another kernel per shape), learning does not
     cfgs = [tiny_cfg.with_overrides({"train.device": "cuda", "train.epochs": 5, **variant}) for variant in VARIANTS]
     runs = [member(cfg, digits, device=cuda) for cfg in cfgs]
-    loop.fit_together(runs, cuda)
+    population.fit_together(runs, cuda)
     for run, cfg in zip(runs, cfgs):
         model, train_batches, val_batches = training.setup(cfg, digits, cuda)
         alone = loop.fit(model, train_batches, val_batches, cfg.train, cuda)
@@ -305,7 +306,7 @@ def test_a_cuda_epoch_waits_for_the_gpu_only_at_its_end(digits, tiny_cfg, runs):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                loop.fit_together(members, cuda)
+                population.fit_together(members, cuda)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         assert all(each.result is not None for each in members)

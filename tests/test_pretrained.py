@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.models import mobilenet_v3_small
 
-from pipeline import data, loop, models, training
+from pipeline import data, loop, models, optim, training
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
@@ -119,7 +119,7 @@ def test_the_backbone_is_unfrozen_after_its_epochs_and_learns_at_its_own_rate(we
 
     key = "features.0.0.weight"
     assert torch.equal(after[0][key], state[key]) and not torch.equal(after[1][key], state[key])
-    groups = loop.build_optimizer(loop.parameter_groups(model, cfg.train), cfg.train).param_groups
+    groups = optim.build_optimizer(optim.parameter_groups(model, cfg.train), cfg.train).param_groups
     assert [group["lr"] for group in groups] == [1e-2, 1e-4]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.backbone.parameters()}
 

@@ -157,22 +157,22 @@ def test_timeout_stops_starting_trials(in_prepared_repo):
 def test_a_population_out_of_device_memory_fails_its_trials_and_halves(in_prepared_repo, monkeypatch, capsys):
     """Out of GPU memory in a fused step: every trial of the population fails with the reason, the worker goes on
     with half as many at once (failed trials are not counted, so it would otherwise retry the same size forever)."""
-    from pipeline import loop, paths, tuning
+    from pipeline import paths, population, tuning
     from pipeline.config import load_config
 
     cfg = load_config(REPO / "params.yaml", [
         "model.name=mlp", "tune.epochs=2", "tune.n_trials=6", "tune.startup_trials=0", "tune.population=4",
         f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
-    fit_together, calls = loop.fit_together, []
+    fit_together, calls = population.fit_together, []
 
-    def out_of_memory_once(members, device, next_members=None, world=loop.distributed.World()):
+    def out_of_memory_once(runs, device, next_runs=None):
         if not calls:
             calls.append("oom")
-            next_members([], 0)  # the population fills up, then its first step fails
+            next_runs([], 0)  # the population fills up, then its first step fails
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return fit_together(members, device, next_members, world)
+        return fit_together(runs, device, next_runs)
 
-    monkeypatch.setattr(loop, "fit_together", out_of_memory_once)
+    monkeypatch.setattr(population, "fit_together", out_of_memory_once)
     tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
     study = tuning.open_search(cfg, paths.PREPARED_DIR).study
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -234,7 +234,8 @@ def test_trials_whose_models_cannot_be_fused_train_one_at_a_time(in_prepared_rep
     would compute one member at a time (a CPU, large images), would only take turns with K models in memory: such
     trials run one after another whatever tune.population says, and each draws its own batch size (no forward
     pass to share)."""
-    from pipeline import paths, stacking, tuning
+    from pipeline import paths, tuning
+    from pipeline.population import fusion
     from pipeline.config import load_config
 
     cfg = load_config(REPO / "params.yaml", [
@@ -242,9 +243,9 @@ def test_trials_whose_models_cannot_be_fused_train_one_at_a_time(in_prepared_rep
         "tune.sampler=random",
         f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
     if why == "cannot share a forward pass":
-        monkeypatch.setattr(stacking, "signature", lambda model: None)  # as for a ResNet
+        monkeypatch.setattr(fusion, "signature", lambda model: None)  # as for a ResNet
     else:  # as for 28x28 images on this CPU (batch x 32 channels x 784 pixels > CPU_CONV_MEMBER_VALUES): any size
-        monkeypatch.setattr(stacking, "CPU_CONV_MEMBER_VALUES", 0)
+        monkeypatch.setattr(fusion, "CPU_CONV_MEMBER_VALUES", 0)
     tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
     trials = tuning.open_search(cfg, paths.PREPARED_DIR).study.trials
     assert len(trials) == 4

@@ -1,9 +1,10 @@
-"""Several same-shaped models as one module: the forward pass of a population of runs (see `loop.fit_together`).
+"""Several same-shaped models as one module: the forward pass of a population of runs (see `engine`).
 
 `Stack(models)` takes a batch per member, stacked as [K, B, ...], and returns
 logits [K, B, classes]. Each member keeps its own parameters (so its own
 optimizer and learning rate) and buffers. Models with the same `signature`
-(Sequential models of the zoo's plain layers, with the same widths) are fused
+(`fusion.signature`: Sequential models of the zoo's plain layers, with the same
+widths) are fused
 into one set of kernels for all K members:
 
 - member k's convolution is group k of one grouped convolution (its channels
@@ -20,7 +21,7 @@ hands each member a view of its block; BatchNorm updates every member's running
 statistics in place. Per step the cost in operations (kernel launches on a GPU)
 does not grow with K, apart from each member's own optimizer step.
 
-Other models (ResNets, pretrained backbones) have no signature: the loop trains
+Other models (ResNets, pretrained backbones) have no signature: the engine trains
 them one after another. Member k computes the operations its model computes
 alone, on its own parameters, so the numbers agree up to float rounding (a
 grouped kernel may sum in another order).
@@ -34,29 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-FUSED_LAYERS = (nn.Flatten, nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Dropout)
-# per layer type, the settings members must share to be fused (their weights' shapes are compared too)
-_SETTINGS = {nn.Conv2d: ("stride", "padding", "dilation", "groups", "padding_mode"),
-             nn.BatchNorm2d: ("eps", "momentum", "affine", "track_running_stats"),
-             nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-             nn.Flatten: ("start_dim", "end_dim")}
-
-
-def signature(model: nn.Module) -> tuple | None:
-    """What models computed by one Stack share (layer types, settings, weight shapes); None if it cannot be fused."""
-    if not isinstance(model, nn.Sequential) or any(type(layer) not in FUSED_LAYERS for layer in model):
-        return None
-    layers = []
-    for layer in model:
-        if isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) != (1, -1):
-            return None  # the fused layout flattens everything after the batch dimension
-        if isinstance(layer, nn.BatchNorm2d) and not (layer.affine and layer.track_running_stats and layer.momentum):
-            return None  # the fused BatchNorm keeps running statistics by exponential average, as the zoo's do
-        settings = tuple(getattr(layer, name) for name in _SETTINGS.get(type(layer), ()))
-        layers.append((type(layer).__name__, settings,
-                       tuple(tuple(value.shape) for value in layer.state_dict().values())))
-    return tuple(layers)
-
+from pipeline.population.fusion import members_per_call, signature
 
 class Stack(nn.Module):
     """K models computed as one: input [K, B, ...] (member k's batch at k), output [K, B, classes]."""
@@ -71,14 +50,15 @@ class Stack(nn.Module):
         self.fused = [{name: Fused([getattr(layer, name) for layer in layers])
                        for name, _ in [*layers[0].named_parameters(), *layers[0].named_buffers()]}
                       for layers in zip(*models)]
-        self.chunk: int | None = None  # members fused per call, set by the first batch (see `fused_at_once`)
+        self.chunk: int | None = None  # members fused per call, set by the first batch (`fusion.members_per_call`)
         # per dropout layer, each member's keep probability: on the device once, not copied there (a host sync on
         # a GPU) every step; None where every member keeps everything
         self._keep: dict[int, torch.Tensor | None] | None = None
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.chunk is None:
-            self.chunk = fused_at_once(self.members[0], inputs)
+            self.chunk = min(len(inputs), members_per_call(self.members[0], inputs.shape[1], tuple(inputs.shape[-2:]),
+                                                           inputs.device))
         if self._keep is None:
             self._keep = {i: torch.tensor([1.0 - each.p for each in layers], device=inputs.device)
                           if any(each.p for each in layers) else None
@@ -140,32 +120,6 @@ def _hand_out_grad(members: list[torch.Tensor], rows: int, fused: torch.Tensor) 
     grad, fused.grad = fused.grad, None
     for each, block in zip(members, _blocks(grad, rows, members[0].dim())):
         each.grad = block
-
-
-def fused_at_once(model: nn.Sequential, inputs: torch.Tensor) -> int:
-    """How many members one fused call computes, for inputs [K, B, C, H, W] (see `members_per_call`)."""
-    return min(len(inputs), members_per_call(model, inputs.shape[1], tuple(inputs.shape[-2:]), inputs.device))
-
-
-def members_per_call(model: nn.Sequential, batch_size: int, image_size: tuple[int, int], device: torch.device
-                     ) -> int:
-    """How many same-shaped members one fused forward pass should compute: all of them, or (on a CPU, large
-    convolutions) one at a time.
-
-    On a CPU, fusing convolutions pays only while each member's activations are small. Measured here (2 cores,
-    bf16 + channels_last, training rounds, per member; values at the first convolution's output): digits 8x8 at
-    batch 32/64/128 (65K-262K values) 1.67x/1.50x/1.25x faster, 16 members fused; 28x28 at batch 16/32 (401K-803K)
-    0.80-0.89x, 2-5 fused; 16x16 at batch 64 (512K) 0.54x. Linear layers gained at every size measured (1.1-1.9x).
-    """
-    first = next((layer for layer in model if isinstance(layer, nn.Conv2d)), None)
-    if device.type != "cpu" or first is None:
-        return ALL
-    values = batch_size * first.out_channels * image_size[0] * image_size[1]  # one member's first conv output
-    return ALL if values <= CPU_CONV_MEMBER_VALUES else 1
-
-
-ALL = 2**31 - 1  # no limit
-CPU_CONV_MEMBER_VALUES = 2**18
 
 
 def _fused(layers: list[nn.Module], tensors: list[dict[str, torch.Tensor]], inputs: torch.Tensor,
