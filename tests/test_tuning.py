@@ -281,15 +281,17 @@ def test_a_trial_interrupted_between_its_ask_and_its_start_is_failed_with_the_po
     cfg = load_config(REPO / "params.yaml", [
         "model.name=logreg", "tune.epochs=1", "tune.n_trials=4", "tune.population=2", "tune.startup_trials=0",
         f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"])
+    from pipeline.tuning import trials
+
     search = tuning.open_search(cfg, paths.PREPARED_DIR)
-    suggest = tuning.suggest
+    suggest = trials.suggest  # what a trial samples its params with
 
     def interrupted_at_the_third(trial, space):
         if trial.number == 2:
             raise KeyboardInterrupt
         return suggest(trial, space)
 
-    monkeypatch.setattr(tuning, "suggest", interrupted_at_the_third)
+    monkeypatch.setattr(trials, "suggest", interrupted_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         tuning.run_worker(search)
     third = search.study.trials[2]
