@@ -41,7 +41,8 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    name: DatasetName = "digits"
+    name: DatasetName = Field("digits", description="digits (bundled with scikit-learn, offline), mnist, "
+                                                     "fashion_mnist, cifar10 (torchvision's files) or folder")
     path: str | None = Field(None, description="folder: the image folder (one sub-folder per class); mnist, "
                                                "fashion_mnist, cifar10: a local copy of the official files")
     mirror: str | None = Field(None, description="base URL (http(s):// or file://) replacing torchvision's mirrors")
@@ -57,7 +58,8 @@ class DataConfig(Section):
                                                            "training device; larger data is streamed from disk")
     loader_workers: int = Field(2, ge=0, le=64, description="streamed data: DataLoader worker processes reading "
                                                             "batches ahead of the device")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="validation split carved from the training part, "
+                                                               "stratified")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for datasets without an official test split")
     augment: AugmentConfig = AugmentConfig()
 
@@ -79,8 +81,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: ModelName = "cnn"
-    dropout: float = Field(0.2, ge=0, lt=1)
+    name: ModelName = Field("cnn", description="the final model (and the one `tune` searches for)")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout rate before each classifier layer")
     hidden_sizes: list[PositiveInt] = Field([128, 64], min_length=1, description="mlp layer widths")
     channels: list[PositiveInt] = Field([32, 64], min_length=1, description="cnn conv widths, one pooled block each")
     weights: str | None = Field(None, description="torchvision weights to fine-tune from (resnet18, "
@@ -109,34 +111,39 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(1e-5, ge=0)
-    scheduler: Literal["none", "step", "plateau", "cosine", "onecycle"] = "cosine"
+    epochs: int = Field(30, ge=1, description="epochs per training run (trials run tune.epochs)")
+    batch_size: int = Field(64, ge=1, description="samples per step (the global batch with several processes)")
+    lr: float = Field(1e-3, gt=0, description="learning rate (a one-cycle schedule's peak)")
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="torch.optim's optimizer")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop")
+    nesterov: bool = Field(False, description="sgd with momentum")
+    weight_decay: float = Field(1e-5, ge=0, description="L2 penalty (decoupled for adamw)")
+    scheduler: Literal["none", "step", "plateau", "cosine", "onecycle"] = Field(
+        "cosine", description="learning-rate schedule: per epoch, one-cycle per step")
     step_size: int = Field(10, ge=1, description="epochs between decays (scheduler=step)")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (step, plateau)")
     backbone_lr: float | None = Field(None, gt=0, description="learning rate of a pretrained backbone (default "
                                                              "train.lr; fine-tuning often uses lr/10)")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 = off")
-    monitor: Monitor = "val_loss"
+    monitor: Monitor = Field("val_loss", description="picks the best epoch (and drives plateau and early stopping)")
     patience: int = Field(0, ge=0, description="early-stopping patience in epochs; 0 = off")
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype; auto: bf16 on CUDA (fp16 without it) and on CPUs with native bf16 for "
+                            "convolutional models, else fp32")
     channels_last: Literal["auto"] | bool = Field("auto", description="channels_last memory format; auto: for "
                                                                       "models with convolutions")
     threads: int | None = Field(None, ge=1, description="CPU threads per process (torch.set_num_threads); null: the "
                                                        "cores this process may use, shared out among processes "
                                                        "that train at once (tune --workers, train --nproc). It "
                                                        "shapes results (summation order), so runs record it")
-    compile: bool = False
-    deterministic: bool = True
-    drop_last: bool = False
-    resume: bool = Field(True, description="continue from checkpoints/<name>/last.pt when its config matches")
+    compile: bool = Field(False, description="torch.compile the model")
+    deterministic: bool = Field(True, description="reproducible kernels: identical metrics for identical params "
+                                                  "on CPU")
+    drop_last: bool = Field(False, description="drop the last incomplete training batch of each epoch")
+    resume: bool = Field(True, description="continue an interrupted run from its resume point in checkpoints/<run>/ "
+                                           "(only with the same config, data and code)")
 
     @field_validator("device")
     @classmethod
@@ -148,12 +155,12 @@ class TrainConfig(Section):
 
 
 class TrackingConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="log runs to MLflow (off: MLflow is never imported)")
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<repo>/mlflow.db; "
                                                "MLFLOW_TRACKING_URI overrides")
     experiment: str | None = Field(None, description="MLflow experiment; default data.name")
     flush_every_s: float = Field(5.0, ge=0, description="epoch metrics are sent in one batch at most this often")
-    log_models: bool = True
+    log_models: bool = Field(True, description="log each model as an MLflow model; the final one is registered")
     system_metrics: bool = Field(False, description="CPU/RAM (and GPU) usage via MLflow system metrics")
 
 
@@ -195,13 +202,13 @@ class TuneConfig(Section):
     timeout: float | None = Field(None, gt=0, description="seconds per worker; stop starting trials after it")
     epochs: int = Field(15, ge=1, description="epochs per trial (independent of train.epochs, so changing "
                                                "train.epochs never re-runs the search)")
-    metric: Monitor = "val_loss"
-    sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
-    # successive halving (asynchronous, ASHA) judges a trial against every trial that reached the same epoch,
-    # running ones included: a population's members are pruned together at epoch warmup_epochs, where the median
-    # pruner waits for completed trials (15 epochs each). Measured here: 33-49% of the unpruned search's epochs
-    # with the median pruner's best scores (which trained 57-58%).
-    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "successive_halving"
+    metric: Monitor = Field("val_loss", description="what the search minimises or maximises, per epoch")
+    sampler: Literal["tpe", "random", "cmaes", "gp"] = Field("tpe", description="Optuna sampler, seeded from seed")
+    # Successive halving (asynchronous, like ASHA) judges a trial against every trial that reached the same epoch,
+    # running ones included, so a population's members are pruned as they go; the median pruner waits for
+    # completed trials, which a population only has late. `make bench` measures the share of epochs it saves.
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = Field(
+        "successive_halving", description="Optuna pruner on the per-epoch metric")
     startup_trials: int = Field(5, ge=0, description="trials sampled at random before TPE (and the median "
                                                      "pruner) act")
     warmup_epochs: int = Field(3, ge=0, description="epochs a trial runs before it can be pruned (successive "
@@ -217,7 +224,8 @@ class TuneConfig(Section):
                                                "proxy, whose advisory lock keeps the study at exactly n_trials")
     heartbeat_interval: int = Field(10, ge=1, description="seconds between heartbeats of running trials (RDB)")
     grace_period: int = Field(60, ge=2, description="a trial without heartbeat this long is stale: failed + retried")
-    space: dict[str, SearchDimension] = Field(default_factory=dict)
+    space: dict[str, SearchDimension] = Field(default_factory=dict, description="searched params by dotted key: "
+                                                                            "{low, high, log?, step?} or {choices}")
 
     @property
     def direction(self) -> str:
@@ -225,7 +233,8 @@ class TuneConfig(Section):
 
 
 class Config(Section):
-    seed: int = Field(42, ge=0, lt=2**32, description="numpy and scikit-learn take seeds in [0, 2**32)")
+    seed: int = Field(42, ge=0, lt=2**32, description="seeds the split, initialisation, data order, augmentation, "
+                                                      "dropout and the search's sampler (numpy takes [0, 2**32))")
     data: DataConfig = DataConfig()
     # Not called `models`: DVC confuses a param of that name with the models/ output folder.
     comparison: list[ModelName] = Field(["logreg", "mlp", "cnn"], min_length=1,

@@ -108,3 +108,16 @@ def test_cli_reports_bad_param_in_one_line_with_exit_2(tmp_path: Path):
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: train.lr: Input should be greater than 0 (got -1)"]
     assert not (tmp_path / "data").exists(), "a rejected config must not write outputs"
+
+
+def test_the_params_reference_page_is_what_the_config_says():
+    """docs/params.md is generated from the config's fields (type, default, bounds, description): an edit to a
+    field's description without `python scripts/params_reference.py` leaves it stale, and this fails."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "params_reference.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
