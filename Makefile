@@ -5,7 +5,7 @@ BIN    := $(abspath $(VENV)/bin)
 # DVC stages call `python -m pipeline`: put the venv first so they find it.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-fast ui bench bench-quick clean
+.PHONY: install repro test test-fast ui bench bench-quick docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# what the benchmark compares against (Lightning): a comparison must never be skipped for want of an install
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
 
 repro: install
 	dvc repro
@@ -35,13 +40,17 @@ test-fast: install
 ui: install
 	python -m pipeline ui
 
-# every comparison, default sizes (~10 minutes on 2 cores): the table, and reports/bench/results.json
-bench: install
+# every comparison, default sizes (~10 minutes on 2 cores): the table, docs/bench/<device>.json and docs/performance.md
+bench: $(VENV)/.bench-installed
 	python benchmarks/bench.py
 
 # small sizes (about a minute), and a check that every comparison ran: what CI runs
-bench-quick: install
+bench-quick: $(VENV)/.bench-installed
 	python benchmarks/bench.py --quick --check --out $(or $(BENCH_OUT),/tmp/pipeline-bench-quick.json)
+
+# docs/params.md from the config's own field descriptions
+docs: install
+	python scripts/params_reference.py
 
 clean:
 	rm -rf checkpoints dvc_plots .pytest_cache

@@ -8,9 +8,10 @@ Every comparison runs A and B interleaved (A B A B ...) after a warm-up, in this
 the same model, batch size, optimizer, samples and thread count, and reports median, min and max per side and
 the ratio B/A of the medians (reference time / ours: above 1 means ours is faster; where each pair is a workload
 of its own, such as a search with its own seed, the median of the pairs' ratios). Targets are printed beside
-the ratio and marked when missed; a reference is never tuned down. Data is generated in the official formats
-(MNIST: 1x28x28 x 60,000, 10 classes; CIFAR: 3x32x32 x 50,000), so everything runs offline. Results also go to
-reports/bench/results.json.
+the ratio and judged on the spread of the pairs' ratios (met, MISSED, or unresolved when the target lies inside
+it); a reference is never tuned down. Data is generated in the official formats (MNIST: 1x28x28 x 60,000, 10
+classes; CIFAR: 3x32x32 x 50,000), so everything runs offline. A full run writes docs/bench/<device>.json and
+docs/performance.md, one table per device.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from torch import nn  # noqa: E402
 from pipeline import data, devices, loop, models, population, processes, training  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
-OUT = REPO / "reports" / "bench" / "results.json"
+RESULTS = REPO / "docs" / "bench"  # one JSON per device a full run measured: docs/performance.md is made from them
+PAGE = REPO / "docs" / "performance.md"
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 DEFAULTS = load_config(REPO / "params.yaml")  # what `dvc repro` runs with
 DEFAULT_POPULATION = DEFAULTS.tune.population
@@ -77,8 +79,29 @@ class Row:
         return numerator / denominator if denominator else float("nan")
 
     @property
+    def spread(self) -> tuple[float, float] | None:
+        """The lowest and highest ratio of one measurement pair (A and B were measured in turns, so pair i is
+        A's and B's i-th run): how far one repetition can be from another. None without pairs."""
+        if not (self.a_values and len(self.a_values) == len(self.b_values)):
+            return None
+        ratios = [(a / b if self.higher_is_better else b / a) for a, b in zip(self.a_values, self.b_values)]
+        return min(ratios), max(ratios)
+
+    @property
+    def verdict(self) -> str | None:
+        """Against the target, judged on the spread, not on one median: "met" when even the lowest pair's ratio
+        reaches it, "MISSED" when not even the highest does (or the condition failed), else "unresolved" (this
+        many repetitions cannot tell). None without a target."""
+        if self.target is None:
+            return None
+        if self.condition is False:
+            return "MISSED"
+        low, high = self.spread or (self.ratio, self.ratio)
+        return "met" if low >= self.target else "MISSED" if high < self.target else "unresolved"
+
+    @property
     def met(self) -> bool | None:
-        return None if self.target is None else self.ratio >= self.target and self.condition is not False
+        return None if self.verdict is None else self.verdict == "met"
 
 
 def interleaved(a: Callable[[], float], b: Callable[[], float], repeats: int, warmup: int = 1
@@ -345,16 +368,18 @@ def compare_lightning(args, mnist: data.PreparedData, subset: data.PreparedData,
 
 class EndTimed(loop.Callback):
     """Passes every hook to `inner`, timing its end-of-run work (the tracker's last flush: a cost per run, not per
-    epoch)."""
+    epoch) and, apart, its work at the end of each epoch."""
 
     def __init__(self, inner: loop.Callback):
-        self.inner, self.end_seconds = inner, 0.0
+        self.inner, self.end_seconds, self.epoch_seconds = inner, 0.0, 0.0
 
     def on_fit_start(self, model, history) -> None:
         self.inner.on_fit_start(model, history)
 
     def on_epoch_end(self, metrics) -> None:
+        tick = time.perf_counter()
         self.inner.on_epoch_end(metrics)
+        self.epoch_seconds += time.perf_counter() - tick
 
     def on_fit_end(self, result) -> None:
         tick = time.perf_counter()
@@ -364,16 +389,18 @@ class EndTimed(loop.Callback):
 
 def compare_tracking(args, prepared: data.PreparedData, device: torch.device) -> list[Row]:
     """The same training with MLflow on and off: the cost per epoch, and the fixed cost per run (opening the run,
-    its last flush of metrics, closing it)."""
+    its last flush of metrics, closing it). A digits epoch is short, so each measurement is a run of many epochs
+    (a few percent of one short epoch is below a CPU's run-to-run noise), and the callback's own time per epoch is
+    measured beside it."""
     from pipeline import tracking
 
     store = Path(tempfile.mkdtemp(prefix="bench-mlflow-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
-    epochs = 3 if args.quick else 10
+    epochs = 3 if args.quick else 40
     cfg = cfg_for("mlp" if args.quick else "cnn", epochs=epochs).with_overrides({"tracking.enabled": True})
     # the default pipeline's data (digits): short epochs make the per-epoch cost of logging as visible as it gets
     tracking.connect(cfg.tracking)  # the schema is created once, before either side is timed
-    fixed = []
+    fixed, inside = [], []
 
     def fit(callbacks) -> float:
         model, *batches = training.setup(cfg, prepared, device)
@@ -390,13 +417,16 @@ def compare_tracking(args, prepared: data.PreparedData, device: torch.device) ->
         tick = time.perf_counter()
         run.__exit__(None, None, None)
         fixed.append(opened + metrics.end_seconds + time.perf_counter() - tick)
+        inside.append(metrics.epoch_seconds / epochs)
         return (seconds - metrics.end_seconds) / epochs
 
-    untracked, on = interleaved(lambda: fit([]) / epochs, tracked, max(5, args.repeats))
+    untracked, on = interleaved(lambda: fit([]) / epochs, tracked, max(5 if args.quick else 7, args.repeats))
     overhead = (statistics.median(on) / statistics.median(untracked) - 1) * 100
+    callback = statistics.median(inside) / statistics.median(untracked) * 100
     cost = Row("tracking, per epoch", "MLflow on (batched log_batch)", "MLflow off", "s/epoch", on, untracked,
                target=1 / 1.03,  # ours (tracked) may be at most 3% slower than the reference (untracked)
-               note=f"overhead {overhead:+.1f}% per epoch (target <= 3%)")
+               note=f"overhead {overhead:+.1f}% per epoch over runs of {epochs} epochs (target <= 3%); the MLflow "
+                    f"callback itself {1000 * statistics.median(inside):.2f} ms per epoch ({callback:.2f}% of one)")
     return [cost, Row("tracking, per run", "open run + params + tags, last flush, close run", "-", "s/run", fixed,
                       [], note="fixed cost, once per run")]
 
@@ -640,20 +670,63 @@ def compare_gpu(args, device: torch.device) -> list[Row]:
 # ---------------------------------------------------------------- output
 
 def table(rows: list[Row]) -> str:
-    lines = [f"{'comparison':<34} {'ours (median [min, max])':>28} {'reference':>28} {'ratio':>7} {'target':>7}"]
+    lines = [f"{'comparison':<34} {'ours (median [min, max])':>28} {'reference':>28} {'ratio':>7} {'pairs':>13} "
+             f"{'target':>7}"]
     for row in rows:
-        def cell(values):
-            if not values:
-                return "-"
-            return f"{statistics.median(values):.4g} [{min(values):.3g}, {max(values):.3g}]"
-
-        ratio = row.ratio
-        target = "" if row.target is None else f">={row.target:.2f}" + ("" if row.met else " MISSED")
-        lines.append(f"{row.name:<34} {cell(row.a_values):>28} {cell(row.b_values):>28} {ratio:>7.2f} {target:>7}"
-                     + (f"  ({row.unit})" if row.unit else ""))
+        spread = f"[{row.spread[0]:.2f}, {row.spread[1]:.2f}]" if row.spread else ""
+        target = "" if row.target is None else f">={row.target:.2f} {row.verdict}"
+        lines.append(f"{row.name:<34} {cell(row.a_values):>28} {cell(row.b_values):>28} {row.ratio:>7.2f} "
+                     f"{spread:>13} {target}" + (f"  ({row.unit})" if row.unit else ""))
         if row.note:
             lines.append(f"{'':<34} {row.note}")
     return "\n".join(lines)
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.4g} [{min(values):.3g}, {max(values):.3g}]"
+
+
+def device_results(rows: list[Row], sections: dict[str, str], machine: str, device: str) -> dict:
+    """What one device's rows say, with the machine, versions, date and commit that produced them."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return {"machine": machine, "device": device, "date": time.strftime("%Y-%m-%d"),
+            "commit": commit.stdout.strip() or "unknown", "python": platform.python_version(),
+            "torch": torch.__version__,
+            "comparisons": [{**asdict(row), "section": sections.get(row.name, ""), "ratio": row.ratio,
+                             "spread": row.spread, "verdict": row.verdict, "met": row.met,
+                             "median_a": statistics.median(row.a_values) if row.a_values else None,
+                             "median_b": statistics.median(row.b_values) if row.b_values else None}
+                            for row in rows]}
+
+
+def render_page(results: list[dict]) -> str:
+    """docs/performance.md: one table per device, each under one line naming the machine, the versions, the date
+    and the commit; nothing else (every number on it is one `make bench` run's)."""
+    lines = ["# Performance", "",
+             "Written by `make bench` (`benchmarks/bench.py`), never by hand: one table per device it ran on. Each "
+             "comparison runs ours (A) and the reference (B) in turns with the same model, data, batch size and "
+             "threads; *ratio* is B/A of the medians (above 1: ours is faster; a search with its own seed per pair: "
+             "the median of the pairs' ratios), *pairs* the lowest and highest ratio of one pair. A target is "
+             "judged on the pairs: *met* when the lowest reaches it, *MISSED* when the highest does not, "
+             "*unresolved* in between.", ""]
+    for result in sorted(results, key=lambda each: each["device"]):
+        lines += [f"## {result['device']}", "",
+                  f"{result['machine']}; Python {result['python']}, torch {result['torch']}; measured "
+                  f"{result['date']} at commit {result['commit']}.", "",
+                  "| comparison | ours (A) | reference (B) | unit | A: median [min, max] | B: median [min, max] | "
+                  "ratio | pairs | target |", "|---|---|---|---|---|---|---|---|---|"]
+        notes = []
+        for row in result["comparisons"]:
+            spread = "" if not row.get("spread") else f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f}"
+            target = "" if row["target"] is None else f"≥{row['target']:.2f}: {row.get('verdict')}"
+            lines.append(" | ".join(["", row["name"], row["a"], row["b"] or "-", row["unit"], cell(row["a_values"]),
+                                     cell(row["b_values"]), f"{row['ratio']:.2f}", spread, target, ""]).strip())
+            if row["note"]:
+                notes.append(f"- **{row['name']}**: {row['note']}")
+        lines += ["", *notes, ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> int:
@@ -666,10 +739,13 @@ def main() -> int:
     parser.add_argument("--sizes", type=lambda text: [int(size) for size in text.split(",")], default=None,
                         help="population sizes K to sweep, e.g. 16 (default: CPU 4,8,16; GPU 8,16,24), each against "
                              "one trial at a time")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write every row to this JSON (default: none; a full run writes docs/bench/)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless every comparison ran and wrote its numbers (CI; never checks timings)")
     args = parser.parse_args()
+    if args.check and not args.out:
+        parser.error("--check reads what --out wrote: give --out")
     args.repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -693,26 +769,46 @@ def main() -> int:
     if torch.cuda.is_available():  # the GPU set, on top of the CPU comparisons
         sections.append(("gpu", lambda: compare_gpu(args, torch.device("cuda"))))
         sections.append(("gpu-population", lambda: compare_population(args, digits(), mnist, torch.device("cuda"))))
+    section_of: dict[str, str] = {}
     for name, section in sections:
         if wanted is None or name in wanted:
             tick = time.perf_counter()
             done = section()
             rows += done
+            section_of.update((row.name, name) for row in done)
             print(f"[bench] {name}: {time.perf_counter() - tick:.0f}s\n{table(done)}", file=sys.stderr, flush=True)
-    gpu = f" and {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{args.threads} thread(s), device {device}{gpu}, {'quick' if args.quick else 'default'} sizes")
-    print(header)
+    cpu = (f"{cpu_name()}, {processes.available_cores()} cores, {args.threads} thread(s), "
+           f"{'quick' if args.quick else 'default'} sizes")
+    print(cpu)
     print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": header, "device": str(device), "threads": args.threads, "torch": torch.__version__,
-        "quick": args.quick,
-        "comparisons": [{**asdict(row), "ratio": row.ratio, "met": row.met,
-                         "median_a": statistics.median(row.a_values) if row.a_values else None,
-                         "median_b": statistics.median(row.b_values) if row.b_values else None}
-                        for row in rows]}, indent=2, default=str) + "\n")
+    gpu_rows = [row for row in rows if section_of[row.name].startswith("gpu")]
+    measured = [device_results([row for row in rows if row not in gpu_rows], section_of, cpu, "CPU")]
+    if gpu_rows:
+        measured.append(device_results(gpu_rows, section_of, f"{torch.cuda.get_device_name()} (host: {cpu})",
+                                       f"GPU: {torch.cuda.get_device_name()}"))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**measured[0], "devices": measured, "quick": args.quick}, indent=2,
+                                       default=str) + "\n")
+    if not args.quick and not args.only:  # a full run: its devices' numbers replace theirs on the page
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for result in measured:
+            name = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
+            (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        PAGE.write_text(render_page([json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]))
+        print(f"bench: wrote {PAGE}", file=sys.stderr)
     return check(args.out) if args.check else 0
+
+
+def cpu_name() -> str:
+    """The processor's model name (platform.processor() is often just the architecture)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 EXPECTED = ("data path, num_workers=0", "data path, num_workers=2", "epoch, mlp", "epoch, cnn", "epoch vs Lightning",
@@ -728,7 +824,7 @@ def check(path: Path) -> int:
     missing = [name for name in EXPECTED if not any(c["name"].startswith(name) for c in results["comparisons"])]
     empty = [c["name"] for c in results["comparisons"]
              if not c["a_values"] or ("skipped" not in c["note"] and c["median_a"] is None)]
-    facts = [key for key in ("machine", "device", "threads", "torch") if not results.get(key)]
+    facts = [key for key in ("machine", "device", "torch", "date", "commit") if not results.get(key)]
     if missing or empty or facts:
         print(f"bench: incomplete {path}: missing {missing}, without numbers {empty}, without {facts}",
               file=sys.stderr)

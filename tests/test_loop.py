@@ -69,6 +69,21 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(digits, tiny_cfg, t
     assert all(torch.equal(resumed.best_state[k], straight.best_state[k]) for k in straight.best_state)
 
 
+def test_a_resumed_run_whose_validation_gets_worse_keeps_the_best_epoch_from_before_the_interruption(digits,
+                                                                                                   tiny_cfg, tmp_path):
+    """SGD at lr 0.1 on digits: epoch 1's val_loss is the best of three. Interrupted after epoch 1, the resumed run
+    must still ship epoch 1 and its weights: a resume that forgot the best score so far would take epoch 2."""
+    cfg = tiny_cfg.with_overrides({"train.epochs": 3, "train.optimizer": "sgd", "train.lr": 0.1,
+                                   "train.scheduler": "none"})
+    straight = train(digits, cfg)
+    assert straight.best_epoch == 1 and straight.history[1].val_loss > straight.history[0].val_loss  # the premise
+    with pytest.raises(KeyboardInterrupt):
+        train(digits, cfg, [StopAfter(1)], loop.Checkpoints(tmp_path, "run"))
+    resumed = train(digits, cfg, checkpoints=loop.Checkpoints(tmp_path, "run"))
+    assert resumed.best_epoch == 1 and resumed.best_score == straight.best_score
+    assert all(torch.equal(resumed.best_state[k], straight.best_state[k]) for k in straight.best_state)
+
+
 def test_a_resume_point_is_only_resumed_by_its_own_key_and_never_destroyed_by_others(digits, tiny_cfg, tmp_path,
                                                                                     capsys):
     other = tiny_cfg.with_overrides({"train.epochs": 4, "train.lr": 0.02})
