@@ -627,8 +627,8 @@ def decode_images(paths: list[Path], channels: int, image_size: int, skip_bad_im
                   out: BinaryIO | None = None) -> tuple[torch.Tensor | None, list[bool]]:
     """(the readable images stacked, or None when written to `out` one by one; which paths were readable).
 
-    Worker processes decode large folders (Pillow keeps the GIL while decoding,
-    so threads measured no faster), in order; progress goes to stderr.
+    Worker processes decode large folders (Pillow holds the GIL while it decodes,
+    so threads would take turns), in order; progress goes to stderr.
     """
     decode = functools.partial(_decode_or_reason, channels=channels, image_size=image_size)
     kept, stacked, started, shown = [], [], time.perf_counter(), time.perf_counter()
