@@ -270,20 +270,20 @@ def jpeg_folder(root: Path, n: int, size: int = 64, seed: int = 0) -> Path:
 def compare_folder(args, device: torch.device) -> list[Row]:
     """A folder of JPEGs: decoding by `prepare` (worker processes vs one process), and one CNN epoch on the
     decoded images streamed from a memory-mapped file (DataLoader workers) vs resident in memory."""
-    from pipeline import datasets
+    from pipeline.datasets import folders
 
     n = 600 if args.quick else 20_000
     folder = jpeg_folder(Path(tempfile.mkdtemp(prefix="bench-folder-")), n)
 
     def decode(parallel_from: int) -> Callable[[], float]:
         def run() -> float:
-            saved = datasets.PARALLEL_FROM
-            datasets.PARALLEL_FROM = parallel_from  # 1: always worker processes; 10**9: never
+            saved = folders.PARALLEL_FROM
+            folders.PARALLEL_FROM = parallel_from  # 1: always worker processes; 10**9: never
             try:
                 with contextlib.redirect_stderr(io.StringIO()):
-                    seconds = timed(lambda: datasets.load_folder(folder, 3, 32, skip_bad_images=False))
+                    seconds = timed(lambda: folders.load_folder(folder, 3, 32, skip_bad_images=False))
             finally:
-                datasets.PARALLEL_FROM = saved
+                folders.PARALLEL_FROM = saved
             return n / seconds
         return run
 
@@ -292,7 +292,7 @@ def compare_folder(args, device: torch.device) -> list[Row]:
     rows = [Row("prepare, decode a JPEG folder", f"{workers} worker processes", "one process", "images/s", a, b,
                 higher_is_better=True, note=f"{n:,} JPEGs 64x64 -> 32x32 RGB")]
 
-    raw = datasets.load_folder(folder, 3, 32, skip_bad_images=False)
+    raw = folders.load_folder(folder, 3, 32, skip_bad_images=False)
     images_path = folder.parent / f"{folder.name}.u8"
     images_path.write_bytes(raw.train_images.numpy().tobytes())
     streamed_images = data.map_images(images_path, len(raw.train_images), [3, 32, 32])
@@ -834,10 +834,10 @@ def check(path: Path) -> int:
 
 
 def digits() -> data.PreparedData:
-    from pipeline import datasets
+    from pipeline.datasets import digits as bundled
 
     cfg = load_config(REPO / "params.yaml")
-    raw = datasets.load_digits()
+    raw = bundled.load_digits()
     splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.seed)
     mean, std = data.channel_stats(splits["train"])
     return data.PreparedData(**splits, classes=raw.classes, mean=mean, std=std, md5="bench-digits")

@@ -134,14 +134,12 @@ def run(args: argparse.Namespace) -> None:
     from pipeline.config import load_config
     from pipeline.paths import FINAL
 
-    cfg = load_config(args.params, args.overrides)
+    cfg = load_config(args.params, args.overrides, model=getattr(args, "model", None))
     if args.command == "download":
         stages.download(cfg)
     elif args.command == "prepare":
         stages.prepare(cfg)
     elif args.command == "train":
-        if args.model:
-            cfg = cfg.for_model(args.model)
         if args.tuned:
             cfg = stages.tuned(cfg, Path(args.tuned))
         stages.train(cfg, FINAL if args.final else cfg.model.name)

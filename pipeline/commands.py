@@ -25,7 +25,8 @@ def predict(cfg: Config, images: list[str], model_uri: str | None) -> None:
     """
     import torch
 
-    from pipeline import datasets, models
+    from pipeline import models
+    from pipeline.datasets import folders
 
     with tempfile.TemporaryDirectory(prefix="predict-") as scratch:
         if model_uri:
@@ -36,7 +37,7 @@ def predict(cfg: Config, images: list[str], model_uri: str | None) -> None:
             model_file = RunPaths.of(FINAL).model
         classifier = models.load_classifier(model_file)
     channels, height, _ = classifier.input_shape
-    pixels = torch.stack([datasets.load_image(Path(path), channels, height) for path in images]).float().div(255)
+    pixels = torch.stack([folders.load_image(Path(path), channels, height) for path in images]).float().div(255)
     with torch.inference_mode():
         probs = classifier(pixels)
     top = probs.topk(min(3, probs.shape[1]), dim=1)

@@ -13,22 +13,26 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError, redact, shorten
 from pipeline.metrics import DIRECTIONS, Monitor
 
-DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]
+MAX_PARAMS_BYTES = 1 << 20
+MAX_EPOCHS = 100_000  # every count has a bound, checked before anything runs: 10**23 epochs is a typo
+Width = Annotated[int, Field(ge=1, le=65_536)]  # a layer's width
+DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]  # datasets.KINDS (one list: a test)
 ModelName = Literal["logreg", "mlp", "cnn", "digit_recognizer", "resnet18", "mobilenet_v3_small"]
 PretrainedName = Literal["resnet18", "mobilenet_v3_small"]  # the models torchvision publishes weights for
 
 
 class Section(BaseModel):
-    # extra="forbid" is what turns a typo like `train.lrr` into an error instead of a silent default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="forbid" turns a typo like `train.lrr` into an error instead of a silent default; strict=True keeps a
+    # value of another type from passing as one (`epochs: true` is not 1 epoch, `lr: "0.1"` not a number).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class AugmentConfig(Section):
@@ -54,7 +58,7 @@ class DataConfig(Section):
                                                      "(refused by default; followed files are tracked too)")
     checksums: dict[str, str] = Field({}, description="file name -> MD5 accepted besides the official one "
                                                       "(private copies of mnist/fashion_mnist/cifar10 files)")
-    memory_limit_mb: float = Field(2048, ge=0, description="prepared data up to this size stays resident on the "
+    memory_limit_mb: float = Field(2048, ge=0, le=2**20, description="prepared data up to this size stays resident on the "
                                                            "training device; larger data is streamed from disk")
     loader_workers: int = Field(2, ge=0, le=64, description="streamed data: DataLoader worker processes reading "
                                                             "batches ahead of the device")
@@ -62,6 +66,13 @@ class DataConfig(Section):
                                                                "stratified")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for datasets without an official test split")
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_scheme(cls, value: str | None) -> str | None:
+        if value is not None and value.split("://", 1)[0].lower() not in ("http", "https", "file"):
+            raise ValueError(f"{value!r}: a mirror is an http://, https:// or file:// base URL")
+        return value
 
     @field_validator("checksums")
     @classmethod
@@ -83,8 +94,9 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: ModelName = Field("cnn", description="the final model (and the one `tune` searches for)")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout rate before each classifier layer")
-    hidden_sizes: list[PositiveInt] = Field([128, 64], min_length=1, description="mlp layer widths")
-    channels: list[PositiveInt] = Field([32, 64], min_length=1, description="cnn conv widths, one pooled block each")
+    hidden_sizes: list[Width] = Field([128, 64], min_length=1, max_length=16, description="mlp layer widths")
+    channels: list[Width] = Field([32, 64], min_length=1, max_length=16,
+                                  description="cnn conv widths, one pooled block each")
     weights: str | None = Field(None, description="torchvision weights to fine-tune from (resnet18, "
                                                   "mobilenet_v3_small), e.g. IMAGENET1K_V1 or ResNet18_Weights.DEFAULT")
     weights_file: str | None = Field(None, description="weights: a local .pth file or a mirror URL instead of "
@@ -92,7 +104,7 @@ class ModelConfig(Section):
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{8,64}$",
                                        description="weights: expected SHA-256 (or prefix); default the published one")
     freeze_backbone: bool = Field(False, description="weights: train the new head only (see unfreeze_after)")
-    unfreeze_after: int = Field(0, ge=0, description="freeze_backbone: fine-tune everything after this many "
+    unfreeze_after: int = Field(0, ge=0, le=MAX_EPOCHS, description="freeze_backbone: fine-tune everything after this many "
                                                      "epochs; 0 = the backbone stays frozen")
 
     @model_validator(mode="after")
@@ -111,8 +123,8 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(30, ge=1, description="epochs per training run (trials run tune.epochs)")
-    batch_size: int = Field(64, ge=1, description="samples per step (the global batch with several processes)")
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="epochs per training run (trials run tune.epochs)")
+    batch_size: int = Field(64, ge=1, le=2**20, description="samples per step (the global batch with several processes)")
     lr: float = Field(1e-3, gt=0, description="learning rate (a one-cycle schedule's peak)")
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="torch.optim's optimizer")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop")
@@ -120,21 +132,21 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-5, ge=0, description="L2 penalty (decoupled for adamw)")
     scheduler: Literal["none", "step", "plateau", "cosine", "onecycle"] = Field(
         "cosine", description="learning-rate schedule: per epoch, one-cycle per step")
-    step_size: int = Field(10, ge=1, description="epochs between decays (scheduler=step)")
+    step_size: int = Field(10, ge=1, le=MAX_EPOCHS, description="epochs between decays (scheduler=step)")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (step, plateau)")
     backbone_lr: float | None = Field(None, gt=0, description="learning rate of a pretrained backbone (default "
                                                              "train.lr; fine-tuning often uses lr/10)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 = off")
     monitor: Monitor = Field("val_loss", description="picks the best epoch (and drives plateau and early stopping)")
-    patience: int = Field(0, ge=0, description="early-stopping patience in epochs; 0 = off")
+    patience: int = Field(0, ge=0, le=MAX_EPOCHS, description="early-stopping patience in epochs; 0 = off")
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype; auto: bf16 on CUDA (fp16 without it) and on CPUs with native bf16 for "
                             "convolutional models, else fp32")
     channels_last: Literal["auto"] | bool = Field("auto", description="channels_last memory format; auto: for "
                                                                       "models with convolutions")
-    threads: int | None = Field(None, ge=1, description="CPU threads per process (torch.set_num_threads); null: the "
+    threads: int | None = Field(None, ge=1, le=4096, description="CPU threads per process (torch.set_num_threads); null: the "
                                                        "cores this process may use, shared out among processes "
                                                        "that train at once (tune --workers, train --nproc). It "
                                                        "shapes results (summation order), so runs record it")
@@ -159,7 +171,7 @@ class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<repo>/mlflow.db; "
                                                "MLFLOW_TRACKING_URI overrides")
     experiment: str | None = Field(None, description="MLflow experiment; default data.name")
-    flush_every_s: float = Field(5.0, ge=0, description="epoch metrics are sent in one batch at most this often")
+    flush_every_s: float = Field(5.0, ge=0, le=3600, description="epoch metrics are sent in one batch at most this often")
     log_models: bool = Field(True, description="log each model as an MLflow model; the final one is registered")
     system_metrics: bool = Field(False, description="CPU/RAM (and GPU) usage via MLflow system metrics")
 
@@ -198,9 +210,9 @@ class SearchDimension(Section):
 
 
 class TuneConfig(Section):
-    n_trials: int = Field(24, ge=1, description="trials counted: complete + pruned + running, across all workers")
-    timeout: float | None = Field(None, gt=0, description="seconds per worker; stop starting trials after it")
-    epochs: int = Field(15, ge=1, description="epochs per trial (independent of train.epochs, so changing "
+    n_trials: int = Field(24, ge=1, le=100_000, description="trials counted: complete + pruned + running, across all workers")
+    timeout: float | None = Field(None, gt=0, le=366 * 86400, description="seconds per worker; stop starting trials after it")
+    epochs: int = Field(15, ge=1, le=MAX_EPOCHS, description="epochs per trial (independent of train.epochs, so changing "
                                                "train.epochs never re-runs the search)")
     metric: Monitor = Field("val_loss", description="what the search minimises or maximises, per epoch")
     sampler: Literal["tpe", "random", "cmaes", "gp"] = Field("tpe", description="Optuna sampler, seeded from seed")
@@ -209,11 +221,12 @@ class TuneConfig(Section):
     # completed trials, which a population only has late. `make bench` measures the share of epochs it saves.
     pruner: Literal["median", "hyperband", "successive_halving", "none"] = Field(
         "successive_halving", description="Optuna pruner on the per-epoch metric")
-    startup_trials: int = Field(5, ge=0, description="trials sampled at random before TPE (and the median "
+    startup_trials: int = Field(5, ge=0, le=100_000, description="trials sampled at random before TPE (and the median "
                                                      "pruner) act")
-    warmup_epochs: int = Field(3, ge=0, description="epochs a trial runs before it can be pruned (successive "
+    warmup_epochs: int = Field(3, ge=0, le=MAX_EPOCHS, description="epochs a trial runs before it can be pruned (successive "
                                                     "halving: its first rung)")
-    workers: int = Field(1, ge=1, description="worker processes on the study")
+    workers: int = Field(1, ge=1, le=256, description="worker processes on this machine (more machines: start "
+                                                      "tune on each)")
     population: int = Field(16, ge=1, le=256, description="trials trained at once by each worker: those of the same "
                                                          "model widths and batch size in one forward pass; 1 = one "
                                                          "trial at a time")
@@ -222,8 +235,8 @@ class TuneConfig(Section):
                                                   "sqlite:///<repo>/optuna.db")
     lock: str | None = Field(None, description="grpc:// storage: the postgresql:// URL of the database behind the "
                                                "proxy, whose advisory lock keeps the study at exactly n_trials")
-    heartbeat_interval: int = Field(10, ge=1, description="seconds between heartbeats of running trials (RDB)")
-    grace_period: int = Field(60, ge=2, description="a trial without heartbeat this long is stale: failed + retried")
+    heartbeat_interval: int = Field(10, ge=1, le=3600, description="seconds between heartbeats of running trials (RDB)")
+    grace_period: int = Field(60, ge=2, le=7 * 86400, description="a trial without heartbeat this long is stale: failed + retried")
     space: dict[str, SearchDimension] = Field(default_factory=dict, description="searched params by dotted key: "
                                                                             "{low, high, log?, step?} or {choices}")
 
@@ -259,14 +272,8 @@ class Config(Section):
         return self
 
     def for_model(self, name: str, source: str = "--model") -> Config:
-        """This config for another model of the comparison: pretrained settings apply only to models that have
-        published weights (the others train from scratch, and their params say so)."""
-        overrides: dict[str, Any] = {"model.name": name}
-        if name not in get_args(PretrainedName):
-            overrides.update({f"model.{key}": ModelConfig.model_fields[key].default for key in
-                              ("weights", "weights_file", "weights_sha256", "freeze_backbone", "unfreeze_after")})
-            overrides["train.backbone_lr"] = None
-        return self.with_overrides(overrides, source=source)
+        """This config for another model of the comparison (see `model_overrides`)."""
+        return self.with_overrides(model_overrides(name), source=source)
 
     @model_validator(mode="after")
     def _searchable_space(self) -> Config:
@@ -279,6 +286,9 @@ class Config(Section):
         for key, dimension in self.tune.space.items():
             if key not in known or key.startswith(("tune.", "tracking.")) or key == "seed":
                 raise ValueError(f"tune.space: {key!r} is not a searchable param")
+            if key in {f"train.{name}" for name in _SET_BY_SEARCH}:
+                raise ValueError(f"tune.space: {key!r} is set by the search for every trial (tune.epochs, "
+                                 "tune.metric, no resume): searching it would change nothing")
             for value in dimension.candidates():
                 raw = json.loads(json.dumps(base))
                 _set_dotted(raw, key, value)
@@ -359,6 +369,11 @@ class _ParamsLoader(yaml.SafeLoader):
 
 
 _ParamsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _ParamsLoader.construct_mapping)
+# YAML 1.1 (PyYAML) reads 1e-3 as a string, YAML 1.2 (what DVC writes with) as a number: params are typed
+# strictly, so 1e-3 is a float here too, as everyone who types it means.
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -370,11 +385,28 @@ def parse_yaml(text: str, source: str) -> Any:
         raise UserError(f"{source}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
 
 
-def load_config(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Config:
-    """Read params.yaml, apply `key=value` overrides, validate. Raises UserError."""
+def model_overrides(name: str) -> dict[str, Any]:
+    """What makes a config one of model `name`: its name, and, for a model without published weights, no
+    pretrained settings (the comparison's models train from scratch, and their params say so)."""
+    overrides: dict[str, Any] = {"model.name": name}
+    if name not in get_args(PretrainedName):
+        overrides.update({f"model.{key}": ModelConfig.model_fields[key].default for key in
+                          ("weights", "weights_file", "weights_sha256", "freeze_backbone", "unfreeze_after")})
+        overrides["train.backbone_lr"] = None
+    return overrides
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] = (), model: str | None = None) -> Config:
+    """Read params.yaml, apply `key=value` overrides, validate. Raises UserError. `model` (a command line's
+    --model) makes it that model's config before it is validated, so its own settings are judged for it."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as stream:  # at most a bound's worth: /dev/zero or a runaway file never fills memory
+            blob = stream.read(MAX_PARAMS_BYTES + 1)
+        if len(blob) > MAX_PARAMS_BYTES:
+            raise UserError(f"params file {path} is larger than {MAX_PARAMS_BYTES // 1024} KiB: a params file is a "
+                            "few KiB of YAML; pass the right file with --params")
+        text = blob.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"params file not found: {path}") from None
     except IsADirectoryError:
@@ -395,17 +427,33 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
             raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
         _set_dotted(raw, key, parse_yaml(value, f"--set {key}") if value else None)
         sources[key] = f"--set {key}"
+    if model is not None:
+        for key, value in model_overrides(model).items():
+            _set_dotted(raw, key, value)
+            sources.setdefault(key, "--model")
     return validate(raw, source=str(path), sources=sources)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
+    *parents, leaf = _key_parts(key)
     node = tree
     for i, part in enumerate(parents):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"cannot set {key}: {'.'.join(parents[: i + 1])} is not a section")
     node[leaf] = value
+
+
+def _key_parts(key: str) -> list[str]:
+    """A dotted key's path through the params tree. tune.space's keys are dotted params themselves:
+    tune.space.train.lr.low is ["tune", "space", "train.lr", "low"]."""
+    head = "tune.space."
+    if not key.startswith(head) or key == head:
+        return key.split(".")
+    searched, _, field = key.removeprefix(head).rpartition(".")
+    if field in SearchDimension.model_fields and searched:
+        return ["tune", "space", searched, field]
+    return ["tune", "space", key.removeprefix(head)]
 
 
 def validate(raw: dict[str, Any], source: str, sources: dict[str, str] | None = None) -> Config:
@@ -422,9 +470,10 @@ def describe_validation_error(err: ValidationError, source: str, sources: dict[s
     first = problems[0]
     key = dotted(first["loc"])
     reason = first["msg"].removeprefix("Value error, ")
-    for candidate, origin in sources.items():  # the override that set this key or a section above it
+    for candidate, origin in sources.items():  # the override that set this key, a section above it or a part of it
         named = key or reason  # whole-config checks name their keys in the message
-        if named == candidate or named.startswith((candidate + ".", candidate + "[", candidate + ":")):
+        if named == candidate or named.startswith((candidate + ".", candidate + "[", candidate + ":")) \
+                or (key and candidate.startswith(key + ".")):
             source = origin
             break
     if first["type"] == "extra_forbidden":

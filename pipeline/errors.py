@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 
-# scheme://user:password@host  and  ?password=...  (SQLAlchemy and libpq spell it both ways)
-_URL_CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<secret>[^@\s/]*)@")
+# scheme://user:password@host  and  ?password=...  (SQLAlchemy and libpq spell it both ways). The password is
+# read as SQLAlchemy's URL parser reads it: everything up to the next "@" (a "/", ":" or space included; an "@"
+# in a password must be percent-encoded, or the driver itself would read the rest as the host).
+_URL_CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<secret>[^@\n]*)@")
 _QUERY_SECRET = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token)=)(?P<secret>[^&\s'\"]+)", re.IGNORECASE)
 MASK = "***"
 MAX_LINE = 400  # a value in an error message is shown, not dumped (an alias bomb once made a 2.8 MB line)

@@ -187,18 +187,22 @@ class Run:
         self._finish_if_done()
 
     def _resume(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.history = [EpochMetrics(**row) for row in state["history"]]
-        self.best_epoch, self.best_score = state["best_epoch"], state["best_score"]
-        self.best_state, self.bad_epochs = state["best_state"], state["bad_epochs"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.train_batches.load_state_dict(state["rng"]["batches"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.history = [EpochMetrics(**row) for row in state["history"]]
+            self.best_epoch, self.best_score = state["best_epoch"], state["best_score"]
+            self.best_state, self.bad_epochs = state["best_state"], state["bad_epochs"]
+            torch.set_rng_state(state["rng"]["torch"])
+            if state["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self.train_batches.load_state_dict(state["rng"]["batches"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:  # keys right, contents not
+            raise UserError(f"resume point {self.checkpoints.path} does not fit this run ({shorten(first_line(err), 80)}"
+                            "): delete it to train from scratch") from None
         print(f"resuming from {self.checkpoints.path} after epoch {len(self.history)}", file=sys.stderr)
 
     def begin_epoch(self) -> None:

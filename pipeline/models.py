@@ -9,6 +9,8 @@ loads the verified weights into it when training starts.
 
 from __future__ import annotations
 
+import math
+import pickle
 import re
 import sys
 from collections.abc import Callable
@@ -264,6 +266,10 @@ class Classifier(nn.Module):
         return self.model((pixels - self.mean) / self.std).softmax(dim=1)
 
 
+# what a model file holds besides `info` (run name, best epoch, data md5): `load_model` refuses a file without one
+MODEL_FILE_KEYS = ("state_dict", "config", "classes", "input_shape", "mean", "std")
+
+
 def save_model(path: Path, state_dict: dict, cfg: Config, classes: list[str], input_shape: Shape,
                mean: list[float], std: list[float], **info) -> None:
     """Weights plus everything needed to rebuild and feed the model; loads with weights_only=True.
@@ -271,8 +277,8 @@ def save_model(path: Path, state_dict: dict, cfg: Config, classes: list[str], in
     Only what determines the model goes in: the params that shape training (the train stage's deps), no run ids,
     no timings, no store URLs. A deterministic re-run writes the same bytes, and no undeclared param changes them.
     """
-    payload = {"state_dict": state_dict, "config": cfg.subset(training_keys()), "classes": list(classes),
-               "input_shape": list(input_shape), "mean": list(mean), "std": list(std), **info}
+    payload = dict(zip(MODEL_FILE_KEYS, (state_dict, cfg.subset(training_keys()), list(classes), list(input_shape),
+                                         list(mean), list(std))), **info)
     files.save_torch(payload, path)
 
 
@@ -282,6 +288,19 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
         raise UserError(f"model file missing: {path} (train it first: `dvc repro` or `python -m pipeline train`)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own advice (load it with weights_only=False) is wrong for such a file
+        raise UserError(f"cannot read model file {path}: it holds pickled Python objects, so it is no model file "
+                        "this pipeline wrote, and it is never loaded") from None
+    except Exception as err:  # noqa: BLE001 - truncated, empty or foreign bytes are the same user-facing problem
+        raise UserError(f"cannot read model file {path}: {first_line(err)}") from None
+    missing = [key for key in MODEL_FILE_KEYS if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise UserError(f"model file {path} lacks {', '.join(missing)}: it is no model file this pipeline wrote; "
+                        "train it again (`dvc repro`)")
+    if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in payload["std"]):
+        raise UserError(f"model file {path} has input std {payload['std']}: every channel's must be a positive "
+                        "number, or its inputs would be divided by zero; train it again (`dvc repro`)")
+    try:
         model = build_model(ModelConfig.model_validate(payload["config"]["model"]), payload["input_shape"],
                             len(payload["classes"]))
         model.load_state_dict(payload["state_dict"])

@@ -23,10 +23,11 @@ PARAMS: dict[str, list[str]] = {
     "prepare": ["seed", *_DATA, "data.image_size", "data.channels", "data.skip_bad_images", "data.memory_limit_mb",
                 "data.val_fraction", "data.test_fraction"],
     "train": [key for key in training_keys() if key != "model.name"],  # train@<model> sets the name
-    "tune": search_keys(),
+    # the study name holds data.name; CPU threads set the order of sums, which bf16 numbers show
+    "tune": [*search_keys(), "data.name", "train.threads"],
     "train_final": training_keys(),
-    # which runs are evaluated, and how their reports are titled
-    "evaluate": ["comparison", "data.name", "train.device"],
+    # which runs are evaluated, how their reports are titled, and where and with how many threads they compute
+    "evaluate": ["comparison", "data.name", "train.device", "train.threads"],
     "report": ["comparison", "data.name"],
 }
 
@@ -42,27 +43,9 @@ def evaluated_runs(cfg: Config) -> list[str]:
 
 def download(cfg: Config) -> None:
     """Fetch raw files (torchvision datasets, MD5-verified) or record what a bundled/local dataset holds."""
-    from pipeline import files
+    from pipeline import datasets  # the registry alone: the bundled digits' download imports no torch
 
-    out = paths.raw_dir(cfg.data.name)
-    if cfg.data.name == "digits":  # first: the default run imports no torch, torchvision or sklearn (~3 s) here
-        from importlib.metadata import version
-
-        manifest = {"source": "sklearn.datasets.load_digits (bundled with scikit-learn)",
-                    "scikit-learn": version("scikit-learn")}
-    else:
-        from pipeline import datasets
-
-        if cfg.data.name in datasets.TORCHVISION_DATASETS:
-            local = Path(cfg.data.path) if cfg.data.path else None
-            fetched = datasets.download(cfg.data.name, out, cfg.data.mirror, cfg.data.retries, cfg.data.checksums,
-                                        local, paths.own_copies(cfg.data.name))
-            print(f"verified {cfg.data.name}: {', '.join(path.name for path in fetched)} in {out}")
-            return
-        # DVC sees a folder outside the repo only through this manifest: re-run `download` after changing it.
-        manifest = datasets.folder_manifest(Path(cfg.data.path), cfg.data.follow_symlinks)
-    files.write_json(out / "manifest.json", manifest)
-    print(f"{cfg.data.name}: nothing to download; manifest -> {out / 'manifest.json'}")
+    print(datasets.fetch(cfg.data, paths.raw_dir(cfg.data.name), paths.own_copies(cfg.data.name)))
 
 
 def prepare(cfg: Config) -> None:
@@ -74,6 +57,7 @@ def prepare(cfg: Config) -> None:
     import torch
 
     from pipeline import data, datasets, files, reporting
+    from pipeline.datasets import folders
 
     root, out = paths.raw_dir(cfg.data.name), paths.PREPARED_DIR
     limit = cfg.data.memory_limit_mb * 2 ** 20
@@ -83,9 +67,9 @@ def prepare(cfg: Config) -> None:
         def images_file() -> Path:
             return stack.enter_context(files.atomic_path(out / data.IMAGES_FILE))
 
-        listing = datasets.scan_folder(Path(cfg.data.path), cfg.data.follow_symlinks) \
-            if cfg.data.name == "folder" else None
-        if listing and datasets.folder_bytes(listing, cfg.data) > limit:
+        listing = folders.scan_folder(Path(cfg.data.path), cfg.data.follow_symlinks) \
+            if datasets.KINDS[cfg.data.name].folder else None
+        if listing and folders.folder_bytes(listing, cfg.data) > limit:
             images_path = images_file()
             with open(images_path, "wb") as stream:
                 raw = datasets.load(cfg.data, root, out=stream, listing=listing)
@@ -268,15 +252,38 @@ def predict_test_set(model_file: Path, prepared, device, workers: int = 0):
     return labels.numpy(), probs.argmax(dim=1).numpy(), saved["config"]["model"]["name"]
 
 
+def _read_history(path: Path) -> list:
+    """A run's history.csv as EpochMetrics; a file that holds no epochs, or something else than numbers, is one
+    line naming it (a report silently missing a run's curves would look whole)."""
+    from pipeline import files, metrics
+
+    remedy = f"run its train stage again (`dvc repro -f {_stage_of(path)}`)"
+    try:
+        history = [metrics.from_history_row(row) for row in files.read_csv(path, remedy)]
+    except (KeyError, ValueError, TypeError) as err:
+        reason = f"no column {err}" if isinstance(err, KeyError) else str(err)
+        raise UserError(f"{path} is corrupt ({reason}): {remedy}") from None
+    if not history:
+        raise UserError(f"{path} holds no epochs: {remedy}")
+    return history
+
+
+def _stage_of(history: Path) -> str:
+    run = history.parent.name
+    return "train_final" if run == FINAL else f"train@{run}"
+
+
 def report(cfg: Config) -> None:
     """reports/metrics.json for the final model, compare.md across models, DVC plots and PNGs."""
-    from pipeline import files, metrics, reporting
+    from pipeline import files, reporting
     from pipeline.evaluation import METRIC_KEYS
 
     runs = evaluated_runs(cfg)
     remedy = "run the train and evaluate stages first (`dvc repro`)"
     test = {run: files.read_json(paths.eval_dir(run) / "metrics.json", remedy) for run in runs}
     fit = {run: files.read_json(RunPaths.of(run).metrics, remedy) for run in runs}
+    # every input read and checked before anything is written: a bad one leaves every output as it was
+    histories = {run: _read_history(RunPaths.of(run).history) for run in runs}
     try:
         rows = [[run_label(run, fit[run]["model"]), *(test[run][key] for key in METRIC_KEYS), f"{fit[run]['parameters']:,}",
                  fit[run]["best_epoch"]] for run in runs]
@@ -292,8 +299,6 @@ def report(cfg: Config) -> None:
     # the final model's predictions and confusion matrix as `evaluate` wrote them, where DVC's plots expect them
     files.copy_file(paths.eval_dir(FINAL) / "predictions.csv", paths.PLOTS_DIR / "confusion.csv")
     files.copy_file(paths.eval_dir(FINAL) / "confusion_matrix.png", paths.PLOTS_DIR / "confusion.png")
-    histories = {run: [metrics.from_history_row(row) for row in files.read_csv(RunPaths.of(run).history, remedy)]
-                 for run in runs}
     reporting.plot_curves(histories, paths.PLOTS_DIR / "curves.png")
     files.write_csv(paths.PLOTS_DIR / "curves.csv", reporting.LONG_CURVE_COLUMNS, reporting.long_curve_rows(histories))
     print(f"final model ({fit[FINAL]['model']}): " + ", ".join(f"{k} {final[k]:.4f}" for k in METRIC_KEYS))

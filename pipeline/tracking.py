@@ -22,6 +22,7 @@ What a run shows must be true:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -33,7 +34,7 @@ import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -105,14 +106,38 @@ def _create_sqlite_schema_once(db: Path) -> None:
 
     if not db.parent.is_dir():
         raise UserError(f"MLflow store {db}: folder {db.parent} does not exist; create it or fix the tracking URI")
+    _check_sqlite_file(db)
     with FileLock(f"{db}.lock"):
         MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)
 
 
+def _check_sqlite_file(db: Path) -> None:
+    """An existing store that is no SQLite database, or a damaged one, is named before anything touches it (MLflow
+    would answer with a traceback from deep inside its schema check)."""
+    import sqlite3
+
+    if not db.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            verdict = connection.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except sqlite3.OperationalError:  # busy or locked by a writer: a live store, not a broken one
+        return
+    except sqlite3.DatabaseError as err:  # "file is not a database", "database disk image is malformed"
+        verdict = str(err)
+    if verdict != "ok":
+        raise UserError(f"MLflow store {db} is not a readable SQLite database ({verdict}): move it aside (it is "
+                        "nothing DVC tracks) and run again to start a new store")
+
+
 def _probe_server(uri: str) -> None:
     """Fail in seconds, naming the server, instead of MLflow's minutes of retries and a traceback."""
-    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    parts = urlsplit(uri)
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if "@" in parts.netloc:  # user:password@host, which MLflow's client (requests) uses as basic auth too
+        user, password = unquote(parts.username or ""), unquote(parts.password or "")
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    request = urllib.request.Request(urlunsplit(parts).rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
     if user and password:
         import base64
 

@@ -36,6 +36,9 @@ def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
         dataclasses.replace(prepared, mean=mean, std=std), cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
         drop_last=cfg.train.drop_last, channels_last=devices.uses_channels_last(cfg.train, model),
         shard=(world.rank, world.size), workers=cfg.data.loader_workers)
+    if len(train_batches) == 0:  # else the loop would report a nan loss, naming the wrong cause
+        raise UserError(f"train.batch_size {cfg.train.batch_size} with train.drop_last: the {len(prepared.train)} "
+                        "training images make no full batch; lower train.batch_size or set train.drop_last=false")
     return model, train_batches, val_batches
 
 

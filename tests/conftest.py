@@ -62,10 +62,11 @@ def member(cfg: Config, prepared, callbacks=(), device: torch.device = torch.dev
 
 @pytest.fixture(scope="session")
 def digits():
-    from pipeline import data, datasets
+    from pipeline import data
+    from pipeline.datasets import digits as bundled
 
     cfg = load_config(REPO / "params.yaml")
-    raw = datasets.load_digits()
+    raw = bundled.load_digits()
     splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.seed)
     mean, std = data.channel_stats(splits["train"])
     return data.PreparedData(**splits, classes=raw.classes, mean=mean, std=std, md5="digits-fixture")

@@ -77,7 +77,36 @@ def resume_point(content: bytes | str) -> Callable[[Path], list[str]]:
                              check=True).stdout.strip()
         path = repo / "checkpoints" / "cnn" / f"{key}.pt"
         path.parent.mkdir(parents=True)
-        path.write_bytes(content if isinstance(content, bytes) else b"PK\x03\x04" + b"\x00" * 100)
+        if content == "unusable weights":  # every key a resume point has, none of it this run's
+            import torch
+
+            torch.save({"epoch": 1, "model": {}, "optimizer": {}, "scheduler": {}, "scaler": {}, "history": [],
+                        "best_epoch": 0, "best_score": 1.0, "best_state": {}, "bad_epochs": 0,
+                        "rng": {"torch": torch.get_rng_state(), "cuda": [], "batches": {}}}, path)
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else b"PK\x03\x04" + b"\x00" * 100)
+        return []
+    return setup
+
+
+def edited_model(relative: str, change: Callable[[dict], dict]) -> Callable[[Path], list[str]]:
+    """A model file of the world with `change` applied to its payload."""
+    def setup(repo: Path) -> list[str]:
+        import torch
+
+        payload = torch.load(repo / relative, weights_only=True)
+        torch.save(change(payload), repo / relative)
+        return []
+    return setup
+
+
+class Foreign:
+    """Any class of anyone's: pickled by reference, so loading it would import and run code."""
+
+
+def edited_text(relative: str, change: Callable[[str], str]) -> Callable[[Path], list[str]]:
+    def setup(repo: Path) -> list[str]:
+        (repo / relative).write_text(change((repo / relative).read_text()))
         return []
     return setup
 
@@ -170,7 +199,69 @@ CASES = {
                                          setup=lambda repo: (repo / "bp.json").write_text("[1, 2]") and []),
     "model file corrupt": Case(["evaluate"], "cannot read model file models/logreg/model.pt",
                                setup=corrupt("models/logreg/model.pt"), marks=[slow]),
+    # inputs with no upper bound: refused before anything runs (hardening, group 3)
+    "params file of 2 MiB": Case(["prepare", "--params", "big.yaml"], "big.yaml is larger than 1024 KiB",
+                                 setup=lambda repo: (repo / "big.yaml").write_text("# x\n" * (1 << 19)) and []),
+    "params from /dev/zero": Case(["prepare", "--params", "/dev/zero"], "params file /dev/zero is larger than"),
+    "10**23 epochs": Case(["train", "--set", "train.epochs=100000000000000000000000"],
+                          "train.epochs: Input should be less than or equal to 100000"),
+    "100000 workers": Case(["tune", "--set", "tune.workers=100000"],
+                           "tune.workers: Input should be less than or equal to 256"),
+    "a layer a billion wide": Case(["train", "--set", "model.channels=[32, 1000000000]"],
+                                   "model.channels[1]: Input should be less than or equal to 65536"),
+    "a hundred million trials": Case(["tune", "--set", "tune.n_trials=100000000"],
+                                                "tune.n_trials: Input should be less than or equal to 100000"),
+    # messages that named the wrong cause (group 4)
+    "a batch larger than the training split": Case(
+        ["train", "--set", "train.batch_size=5000", "--set", "train.drop_last=true"],
+        "train.batch_size 5000 with train.drop_last: the 1221 training images make no full batch"),
+    "a searched key set by --set": Case(["prepare", "--set", "tune.space.train.lr.low=5"],
+                                        "--set tune.space.train.lr.low: tune.space.train.lr: low (5) must be below"),
+    # values accepted that meant nothing (group 5)
+    "epochs: true": Case(["train", "--set", "train.epochs=true"], "train.epochs: Input should be a valid integer"),
+    "lr as a string": Case(["train", "--set", "train.lr='0.1'"], "train.lr: Input should be a valid number"),
+    "searching what the search sets": Case(["prepare", "--params", "searched.yaml"],
+                                           "tune.space: 'train.epochs' is set by the search for every trial",
+                                           setup=lambda repo: with_searched(repo, "train.epochs", (1, 5))),
+    "an ftp mirror": Case(["download", "--set", "data.mirror=ftp://x"],
+                          "data.mirror: 'ftp://x': a mirror is an http://, https:// or file:// base URL"),
+    # corrupt stores and files written by earlier stages (group 2)
+    "a corrupt mlflow.db": Case(["train", "--set", "tracking.enabled=true", "--set",
+                                 "tracking.uri=sqlite:///broken-mlflow.db"], "broken-mlflow.db is not a readable "
+                                "SQLite database", setup=corrupt("broken-mlflow.db", b"SQLite format 3\x00" + bytes(200)),
+                                marks=[slow], process=True),
+    "resume point of unusable weights": Case(["train", "--model", "cnn"], "does not fit this run",
+                                             setup=resume_point("unusable weights"), marks=[slow]),
+    "history with a non-number": Case(["report"], "reports/train/logreg/history.csv is corrupt (could not convert",
+                                      setup=edited_text("reports/train/logreg/history.csv",
+                                                        lambda text: text.replace("\n1,", "\n1,x", 1))),
+    "history without epochs": Case(["report"], "reports/train/logreg/history.csv holds no epochs",
+                                   setup=edited_text("reports/train/logreg/history.csv",
+                                                     lambda text: text.splitlines()[0] + "\n")),
+    "model file without its mean": Case(["evaluate"], "models/logreg/model.pt lacks mean",
+                                        setup=edited_model("models/logreg/model.pt",
+                                                           lambda payload: {k: v for k, v in payload.items()
+                                                                            if k != "mean"})),
+    "model file with std 0": Case(["evaluate"], "models/logreg/model.pt has input std [0.0]",
+                                  setup=edited_model("models/logreg/model.pt", lambda payload: {**payload,
+                                                                                                "std": [0.0]})),
+    "model file with a pickle payload": Case(["evaluate"], "it holds pickled Python objects, so it is no model file",
+                                             setup=edited_model("models/logreg/model.pt",
+                                                                lambda payload: {**payload, "extra": Foreign()})),
+    # a secret with a "/" (group 1): masked where the driver reads it
+    "postgres password with a slash": Case(["tune", "--set", "tune.storage=postgresql://u:se/cret@127.0.0.1:9/db"],
+                                           "postgresql://u:***@127.0.0.1:9/db", marks=[slow], process=True),
 }
+
+
+def with_searched(repo: Path, key: str, bounds: tuple) -> list[str]:
+    """searched.yaml: params.yaml with `key` in tune.space."""
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tune"]["space"][key] = {"low": bounds[0], "high": bounds[1]}
+    (repo / "searched.yaml").write_text(yaml.safe_dump(params))
+    return []
 
 
 def symlinked_folder(repo: Path) -> list[str]:
@@ -202,7 +293,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, tmp_path, name,
     assert code == case.code, stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert case.message in lines[0], lines[0]
-    assert "secret" not in stderr + stdout
+    assert "secret" not in stderr + stdout and "cret" not in stderr + stdout
     assert snapshot(repo) == before, "a rejected command changed saved files"
 
 

@@ -33,7 +33,8 @@ def test_repo_params_are_valid_and_equal_the_code_defaults():
     ("seed=-1", "seed: Input should be greater than or equal to 0"),
     ("seed=4294967296", "seed: Input should be less than 4294967296"),
     ("train.device=gpu", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
-    ("tune.space={train.epochs: {low: 0, high: 3}}", "--set tune.space: tune.space.train.epochs: 0 is not a valid"),
+    ("tune.space={train.batch_size: {low: 0, high: 3}}",
+     "--set tune.space: tune.space.train.batch_size: 0 is not a valid"),
     ("tune.space={train.optimizer: {choices: [adam, foo]}}", "tune.space.train.optimizer: 'foo' is not a valid"),
     ("tune.space={train.lrr: {low: 0.1, high: 1}}", "tune.space: 'train.lrr' is not a searchable param"),
     ("tune.space={seed: {low: 1, high: 9}}", "tune.space: 'seed' is not a searchable param"),
@@ -121,3 +122,17 @@ def test_the_params_reference_page_is_what_the_config_says():
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "params_reference.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_command_lines_model_counts_before_validation():
+    """`train --model resnet18 --set model.weights=IMAGENET1K_V1` was refused with "cnn has no published weights":
+    params.yaml's model was judged, not the one the command line asked for."""
+    from conftest import REPO
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "params.yaml", ["model.weights=IMAGENET1K_V1"], model="resnet18")
+    assert (cfg.model.name, cfg.model.weights) == ("resnet18", "IMAGENET1K_V1")
+    plain = load_config(REPO / "params.yaml", [], model="logreg")  # a comparison model trains from scratch
+    assert (plain.model.name, plain.model.weights) == ("logreg", None)
+    with pytest.raises(UserError, match="--model: model.name"):
+        load_config(REPO / "params.yaml", [], model="alexnet")

@@ -18,10 +18,10 @@ def test_digits_split_is_stratified_disjoint_and_complete(digits):
 
 
 def test_split_is_seeded(digits):
-    from pipeline import datasets
+    from pipeline.datasets import digits as bundled
     from pipeline.config import DataConfig
 
-    raw = datasets.load_digits()
+    raw = bundled.load_digits()
     again = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, DataConfig(), seed=42)
     assert torch.equal(again["val"].labels, digits.val.labels)
     other = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, DataConfig(), seed=7)

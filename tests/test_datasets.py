@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
 from archives import CIFAR_CLASSES, FakeDataset, cifar10_archive, file_info, md5, mnist_files, tar_gz
-from pipeline import datasets
+from pipeline.datasets import downloads, folders, official
 from pipeline.errors import UserError
 
 MNIST_FILES = [filename for filename, _ in MNIST.resources]
@@ -83,8 +83,8 @@ def mirror():
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(datasets, "BACKOFF_S", 0.01)
-    monkeypatch.setattr(datasets, "TIMEOUT_S", 5.0)
+    monkeypatch.setattr(downloads, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(downloads, "TIMEOUT_S", 5.0)
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +139,9 @@ def test_download_and_load_round_trip(name, mirror, fake_mnist, fake_cifar, monk
         publish_idx(monkeypatch, mirror, dataset_class, fake)
     root = tmp_path / "raw" / name
 
-    paths = datasets.download(name, root, mirror=mirror.url)
+    paths = official.download(name, root, mirror=mirror.url)
     assert all(path.exists() and path.parent == root for path in paths)
-    raw = datasets.load_raw(name, root)
+    raw = official.load_raw(name, root)
 
     assert raw.train_images.dtype == torch.uint8 and raw.train_images.shape == (len(fake.train_labels), *shape)
     assert raw.test_images.dtype == torch.uint8 and raw.test_images.shape == (len(fake.test_labels), *shape)
@@ -159,15 +159,15 @@ def test_file_mirror(fake_mnist, monkeypatch, tmp_path):
         (served / name).write_bytes(blob)
     monkeypatch.setattr(MNIST, "resources", [(name, fake_mnist.md5(name)) for name in MNIST_FILES])
 
-    datasets.download("mnist", tmp_path / "raw", mirror=served.as_uri() + "/")
-    assert torch.equal(datasets.load_raw("mnist", tmp_path / "raw").train_images, fake_mnist.train_images)
+    official.download("mnist", tmp_path / "raw", mirror=served.as_uri() + "/")
+    assert torch.equal(official.load_raw("mnist", tmp_path / "raw").train_images, fake_mnist.train_images)
 
 
 def test_torchvision_mirrors_are_tried_in_order(mirror, fake_mnist, monkeypatch, tmp_path):
     publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
     monkeypatch.setattr(MNIST, "mirrors", [f"{mirror.url}/gone/", f"{mirror.url}/"])
 
-    datasets.download("mnist", tmp_path, retries=3)
+    official.download("mnist", tmp_path, retries=3)
     for name in MNIST_FILES:
         assert mirror.requests[f"gone/{name}"] == 1  # a 404 is not retried: the next mirror is
         assert mirror.requests[name] == 1
@@ -179,13 +179,13 @@ def test_wrong_bytes_are_never_kept_and_the_error_says_what_to_do(mirror, fake_m
     mirror.files[name] = b"<html>a captive portal</html>"
 
     with pytest.raises(UserError) as error:
-        datasets.download("mnist", tmp_path, mirror=mirror.url)
+        official.download("mnist", tmp_path, mirror=mirror.url)
     assert_one_line_error(error, name, fake_mnist.md5(name), md5(mirror.files[name]), f"{mirror.url}/{name}",
                           "place the uncompressed file in", f"data.checksums.{name}")
     assert files_under(tmp_path) == []  # neither the final name nor a temporary file a later run could take
 
     mirror.files[name] = fake_mnist.files[name]
-    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    official.download("mnist", tmp_path, mirror=mirror.url)
     assert mirror.requests[name] == 2
 
 
@@ -195,7 +195,7 @@ def test_truncated_download_is_retried_then_refused(mirror, fake_mnist, monkeypa
     mirror.script[name] = ["truncate"] * 10
 
     with pytest.raises(UserError) as error:
-        datasets.download("mnist", tmp_path, mirror=mirror.url, retries=2)
+        official.download("mnist", tmp_path, mirror=mirror.url, retries=2)
     assert_one_line_error(error, f"{mirror.url}/{name}", "closed after", "after 3 attempts")
     assert mirror.requests[name] == 3
     assert files_under(tmp_path) == []
@@ -205,9 +205,9 @@ def test_truncated_download_succeeds_on_retry(mirror, fake_mnist, monkeypatch, t
     publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
     mirror.script[MNIST_FILES[0]] = ["truncate"]
 
-    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    official.download("mnist", tmp_path, mirror=mirror.url)
     assert mirror.requests[MNIST_FILES[0]] == 2
-    assert torch.equal(datasets.load_raw("mnist", tmp_path).train_images, fake_mnist.train_images)
+    assert torch.equal(official.load_raw("mnist", tmp_path).train_images, fake_mnist.train_images)
 
 
 def test_truncation_without_a_length_is_caught_by_the_md5(mirror, fake_mnist, monkeypatch, tmp_path):
@@ -216,7 +216,7 @@ def test_truncation_without_a_length_is_caught_by_the_md5(mirror, fake_mnist, mo
     mirror.script[name] = ["nolength"]
 
     with pytest.raises(UserError) as error:
-        datasets.download("mnist", tmp_path, mirror=mirror.url)
+        official.download("mnist", tmp_path, mirror=mirror.url)
     assert_one_line_error(error, "MD5 mismatch", name, fake_mnist.md5(name))
     assert files_under(tmp_path) == []
 
@@ -225,7 +225,7 @@ def test_server_errors_are_retried(mirror, fake_mnist, monkeypatch, tmp_path):
     publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
     mirror.script[MNIST_FILES[1]] = [500, 503]
 
-    datasets.download("mnist", tmp_path, mirror=mirror.url, retries=3)
+    official.download("mnist", tmp_path, mirror=mirror.url, retries=3)
     assert mirror.requests[MNIST_FILES[1]] == 3
 
 
@@ -235,7 +235,7 @@ def test_persistent_server_errors_give_up(mirror, fake_mnist, monkeypatch, tmp_p
     mirror.script[name] = [500] * 10
 
     with pytest.raises(UserError) as error:
-        datasets.download("mnist", tmp_path, mirror=mirror.url, retries=2)
+        official.download("mnist", tmp_path, mirror=mirror.url, retries=2)
     assert_one_line_error(error, f"{mirror.url}/{name}", "500", "after 3 attempts")
     assert mirror.requests[name] == 3
 
@@ -246,7 +246,7 @@ def test_not_found_is_not_retried(mirror, fake_mnist, monkeypatch, tmp_path):
     del mirror.files[name]
 
     with pytest.raises(UserError) as error:
-        datasets.download("mnist", tmp_path, mirror=mirror.url, retries=5)
+        official.download("mnist", tmp_path, mirror=mirror.url, retries=5)
     assert_one_line_error(error, f"{mirror.url}/{name}", "404")
     assert mirror.requests[name] == 1
     assert files_under(tmp_path) == []
@@ -255,14 +255,14 @@ def test_not_found_is_not_retried(mirror, fake_mnist, monkeypatch, tmp_path):
 def test_verified_files_are_not_fetched_again_and_bad_ones_are_set_aside(mirror, fake_mnist, monkeypatch, tmp_path,
                                                                         capsys):
     publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
-    datasets.download("mnist", tmp_path, mirror=mirror.url)
-    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    official.download("mnist", tmp_path, mirror=mirror.url)
+    official.download("mnist", tmp_path, mirror=mirror.url)
     assert all(mirror.requests[name] == 1 for name in MNIST_FILES)
     assert {path.stat().st_mode & 0o777 for path in tmp_path.iterdir()} == {0o644}  # readable by a shared cache
 
     bad = tmp_path / MNIST_FILES[2]
     bad.write_bytes(b"partial")
-    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    official.download("mnist", tmp_path, mirror=mirror.url)
     assert [mirror.requests[name] for name in MNIST_FILES] == [1, 1, 2, 1]
     assert bad.read_bytes() == fake_mnist.files[MNIST_FILES[2]]
     aside = tmp_path / f"{bad.name}.rejected-{md5(b'partial')[:8]}"  # the user's file, kept and named
@@ -272,38 +272,38 @@ def test_verified_files_are_not_fetched_again_and_bad_ones_are_set_aside(mirror,
 def test_load_raw_refuses_files_that_are_not_the_official_ones(mirror, fake_mnist, monkeypatch, tmp_path):
     publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
     with pytest.raises(UserError) as error:
-        datasets.load_raw("mnist", tmp_path)
+        official.load_raw("mnist", tmp_path)
     assert_one_line_error(error, "missing", MNIST_FILES[0])
 
-    datasets.download("mnist", tmp_path, mirror=mirror.url)
+    official.download("mnist", tmp_path, mirror=mirror.url)
     (tmp_path / MNIST_FILES[1]).write_bytes(b"tampered")
     with pytest.raises(UserError) as error:
-        datasets.load_raw("mnist", tmp_path)
+        official.load_raw("mnist", tmp_path)
     assert_one_line_error(error, "MD5 mismatch", MNIST_FILES[1])
 
 
 def test_tampered_cifar_batch_is_never_unpickled_and_download_repairs_it(mirror, fake_cifar, monkeypatch, tmp_path):
     publish_cifar(monkeypatch, mirror, fake_cifar)
-    datasets.download("cifar10", tmp_path, mirror=mirror.url)
+    official.download("cifar10", tmp_path, mirror=mirror.url)
     batch = tmp_path / CIFAR10.base_folder / "data_batch_3"
     batch.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")  # a pickle that would run a shell command
 
     with pytest.raises(UserError) as error:
-        datasets.load_raw("cifar10", tmp_path)
+        official.load_raw("cifar10", tmp_path)
     assert_one_line_error(error, "MD5 mismatch", str(batch))
 
-    datasets.download("cifar10", tmp_path, mirror=mirror.url)
+    official.download("cifar10", tmp_path, mirror=mirror.url)
     assert mirror.requests[CIFAR10.filename] == 1  # re-extracted from the verified archive, not fetched again
-    assert torch.equal(datasets.load_raw("cifar10", tmp_path).train_images, fake_cifar.train_images)
+    assert torch.equal(official.load_raw("cifar10", tmp_path).train_images, fake_cifar.train_images)
 
 
 def test_bad_arguments_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="unknown dataset"):
-        datasets.download("imagenet", tmp_path)
+        official.download("imagenet", tmp_path)
     with pytest.raises(UserError, match="mirror"):
-        datasets.download("mnist", tmp_path, mirror="ftp://example.com/mnist")
+        official.download("mnist", tmp_path, mirror="ftp://example.com/mnist")
     with pytest.raises(UserError, match="unknown dataset"):
-        datasets.load_raw("svhn", tmp_path)
+        official.load_raw("svhn", tmp_path)
 
 
 # ---------------------------------------------------------------- hostile archives
@@ -331,7 +331,7 @@ def test_hostile_tar_members_are_refused(kind, mirror, monkeypatch, tmp_path):
     publish_archive(monkeypatch, mirror, hostile_archive(member, blob))
 
     with pytest.raises(UserError) as error:
-        datasets.download("cifar10", root, mirror=mirror.url)
+        official.download("cifar10", root, mirror=mirror.url)
     assert_one_line_error(error, repr(member.name), "refusing")
     assert files_under(tmp_path) == ["work", "work/raw", f"work/raw/{CIFAR10.filename}"]
 
@@ -341,7 +341,7 @@ def test_broken_archive_leaves_no_folder(mirror, fake_cifar, monkeypatch, tmp_pa
     publish_archive(monkeypatch, mirror, archive[:len(archive) // 2])  # "official" MD5, yet a cut-off gzip stream
 
     with pytest.raises(UserError) as error:
-        datasets.download("cifar10", tmp_path, mirror=mirror.url)
+        official.download("cifar10", tmp_path, mirror=mirror.url)
     assert_one_line_error(error, "cannot extract", CIFAR10.filename)
     assert files_under(tmp_path) == [CIFAR10.filename]
 
@@ -379,7 +379,7 @@ def image_folder(tmp_path) -> Path:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_load_folder_decodes_mixed_images(channels, image_folder):
-    raw = datasets.load_folder(image_folder, channels=channels, image_size=16, skip_bad_images=False)
+    raw = folders.load_folder(image_folder, channels=channels, image_size=16, skip_bad_images=False)
 
     assert raw.classes == ["cat", "dog"]
     assert raw.train_images.dtype == torch.uint8 and raw.train_images.shape == (6, channels, 16, 16)
@@ -389,34 +389,34 @@ def test_load_folder_decodes_mixed_images(channels, image_folder):
     files = ["cat/exact.png", "cat/palette.png", "cat/wide.jpeg", "dog/grey.png", "dog/nested/alpha.png",
              "dog/photo.jpg"]
     for image, name in zip(raw.train_images, files):
-        assert torch.equal(image, datasets.load_image(image_folder / name, channels, 16))
+        assert torch.equal(image, folders.load_image(image_folder / name, channels, 16))
 
 
 def test_load_image_converts_modes_through_rgb(image_folder):
-    alpha = datasets.load_image(image_folder / "dog" / "nested" / "alpha.png", 3, 4)
+    alpha = folders.load_image(image_folder / "dog" / "nested" / "alpha.png", 3, 4)
     assert alpha[:, 0, 0].tolist() == [255, 0, 0]  # alpha dropped, colour kept
-    palette = datasets.load_image(image_folder / "cat" / "palette.png", 1, 64)
+    palette = folders.load_image(image_folder / "cat" / "palette.png", 1, 64)
     assert palette[0, 0, 0] == 29 and palette[0, 0, -1] == 76  # blue and red as luminance, not palette indices
-    grey = datasets.load_image(image_folder / "dog" / "grey.png", 3, 8)
+    grey = folders.load_image(image_folder / "dog" / "grey.png", 3, 8)
     assert grey.shape == (3, 8, 8) and (grey == 90).all()
 
 
 def test_load_image_scales_16_bit_greys(tmp_path):
     path = save(Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)), tmp_path / "deep.png")
-    assert (datasets.load_image(path, 1, 4) == 40000 >> 8).all()
+    assert (folders.load_image(path, 1, 4) == 40000 >> 8).all()
 
 
 def test_corrupt_image_is_an_error_naming_it(image_folder):
     bad = image_folder / "dog" / "broken.png"
     bad.write_bytes((image_folder / "cat" / "palette.png").read_bytes()[:60])
     with pytest.raises(UserError) as error:
-        datasets.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=False)
+        folders.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=False)
     assert_one_line_error(error, str(bad))
 
 
 def test_corrupt_images_can_be_skipped(image_folder, capsys):
     (image_folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    raw = datasets.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=True)
+    raw = folders.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=True)
     assert raw.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert "skipped 1 unreadable image" in capsys.readouterr().err
 
@@ -425,7 +425,7 @@ def test_a_class_with_only_unreadable_images_is_an_error(image_folder):
     (image_folder / "bird").mkdir()
     (image_folder / "bird" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(UserError) as error:
-        datasets.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=True)
+        folders.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=True)
     assert_one_line_error(error, str(image_folder / "bird"), "no readable images")
 
 
@@ -433,16 +433,16 @@ def test_empty_class_folder_is_an_error(image_folder):
     (image_folder / "bird").mkdir()
     (image_folder / "bird" / "notes.txt").write_text("no images here")
     with pytest.raises(UserError) as error:
-        datasets.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=False)
+        folders.load_folder(image_folder, channels=3, image_size=16, skip_bad_images=False)
     assert_one_line_error(error, str(image_folder / "bird"), "no images")
 
 
 def test_fewer_than_two_classes_or_no_folder_is_an_error(tmp_path):
     save(Image.new("L", (8, 8)), tmp_path / "images" / "only" / "a.png")
     with pytest.raises(UserError, match="at least 2 class"):
-        datasets.load_folder(tmp_path / "images", channels=1, image_size=8, skip_bad_images=False)
+        folders.load_folder(tmp_path / "images", channels=1, image_size=8, skip_bad_images=False)
     with pytest.raises(UserError, match="not found"):
-        datasets.load_folder(tmp_path / "missing", channels=1, image_size=8, skip_bad_images=False)
+        folders.load_folder(tmp_path / "missing", channels=1, image_size=8, skip_bad_images=False)
 
 
 def test_load_image_names_missing_and_non_image_files(tmp_path):
@@ -450,10 +450,10 @@ def test_load_image_names_missing_and_non_image_files(tmp_path):
     text.write_text("hello")
     for path in (text, tmp_path / "missing.png"):
         with pytest.raises(UserError) as error:
-            datasets.load_image(path, 3, 16)
+            folders.load_image(path, 3, 16)
         assert_one_line_error(error, str(path))
     with pytest.raises(UserError, match="channels"):
-        datasets.load_image(text, 2, 16)
+        folders.load_image(text, 2, 16)
 
 
 def test_load_image_applies_exif_rotation(tmp_path):
@@ -463,7 +463,7 @@ def test_load_image_applies_exif_rotation(tmp_path):
     exif[0x0112] = 6  # orientation: shown rotated 90 degrees clockwise, so the left half is on top
     image.save(tmp_path / "phone.jpg", exif=exif)
 
-    shown = datasets.load_image(tmp_path / "phone.jpg", 1, 20)[0].float()
+    shown = folders.load_image(tmp_path / "phone.jpg", 1, 20)[0].float()
     assert shown[:8].mean() < 30 and shown[-8:].mean() > 225
 
 
@@ -547,7 +547,7 @@ def offline_mnist(monkeypatch, mirror, fake_mnist):
     mirror.files.clear()
     monkeypatch.setattr(MNIST, "mirrors", [f"{mirror.url}/"])
     plain = plain_mnist(fake_mnist)
-    monkeypatch.setitem(datasets.UNCOMPRESSED_MD5, "mnist", {name: md5(blob) for name, blob in plain.items()})
+    monkeypatch.setitem(official.UNCOMPRESSED_MD5, "mnist", {name: md5(blob) for name, blob in plain.items()})
     return plain
 
 
@@ -569,8 +569,8 @@ def test_uncompressed_local_copies_are_used_without_any_network_access(layout, o
             (folder / name).write_bytes(blob)
     before = {path: path.read_bytes() for path in folder.iterdir()}
 
-    datasets.download("mnist", root, local=local, own=own)
-    raw = datasets.load_raw("mnist", root)
+    official.download("mnist", root, local=local, own=own)
+    raw = official.load_raw("mnist", root)
 
     assert sum(mirror.requests.values()) == 0
     assert torch.equal(raw.train_images, fake_mnist.train_images)
@@ -587,7 +587,7 @@ def test_a_bad_local_copy_is_named_with_what_to_do_and_left_alone(offline_mnist,
     bad.write_bytes(b"not the labels")
 
     with pytest.raises(UserError) as error:
-        datasets.download("mnist", tmp_path / "raw", local=local)
+        official.download("mnist", tmp_path / "raw", local=local)
     assert_one_line_error(error, str(bad), md5(b"not the labels"), "data.checksums.train-labels-idx1-ubyte=")
     assert bad.read_bytes() == b"not the labels" and sum(mirror.requests.values()) == 0
 
@@ -602,15 +602,15 @@ def test_private_copies_need_the_users_checksums(offline_mnist, fake_mnist, monk
         (local / name).write_bytes(blob)
 
     with pytest.raises(UserError) as error:
-        datasets.download("fashion_mnist", tmp_path / "raw", local=local)
+        official.download("fashion_mnist", tmp_path / "raw", local=local)
     assert_one_line_error(error, "no published MD5", "data.checksums.")
 
     checksums = {name: md5(blob) for name, blob in offline_mnist.items()}
-    datasets.download("fashion_mnist", tmp_path / "raw", checksums=checksums, local=local)
-    raw = datasets.load_raw("fashion_mnist", tmp_path / "raw", checksums)
+    official.download("fashion_mnist", tmp_path / "raw", checksums=checksums, local=local)
+    raw = official.load_raw("fashion_mnist", tmp_path / "raw", checksums)
     assert torch.equal(raw.train_images, fake_mnist.train_images) and sum(mirror.requests.values()) == 0
     with pytest.raises(UserError, match="MD5 mismatch"):  # prepare verifies against the same accepted MD5s
-        datasets.load_raw("fashion_mnist", tmp_path / "raw")
+        official.load_raw("fashion_mnist", tmp_path / "raw")
 
 
 def test_an_extracted_cifar_copy_needs_no_archive(mirror, fake_cifar, monkeypatch, tmp_path):
@@ -621,8 +621,8 @@ def test_an_extracted_cifar_copy_needs_no_archive(mirror, fake_cifar, monkeypatc
     for name, blob in fake_cifar.members.items():
         (local / name).write_bytes(blob)
 
-    datasets.download("cifar10", tmp_path / "raw", mirror=mirror.url, local=tmp_path / "copy")
-    assert torch.equal(datasets.load_raw("cifar10", tmp_path / "raw").train_images, fake_cifar.train_images)
+    official.download("cifar10", tmp_path / "raw", mirror=mirror.url, local=tmp_path / "copy")
+    assert torch.equal(official.load_raw("cifar10", tmp_path / "raw").train_images, fake_cifar.train_images)
     assert sum(mirror.requests.values()) == 0
 
 

@@ -99,3 +99,96 @@ def test_the_model_list_is_one_fact():
     from pipeline.models import BUILDERS
 
     assert list(BUILDERS) == list(typing.get_args(ModelName))
+
+
+def test_the_dataset_list_is_one_fact():
+    """config.DatasetName (what params.yaml may say) and datasets.KINDS (what the pipeline can fetch and decode)
+    name the same datasets, in the same order; and each kind's module has the two functions a kind must have."""
+    import typing
+
+    from pipeline import datasets
+    from pipeline.config import DatasetName
+
+    assert list(datasets.KINDS) == list(typing.get_args(DatasetName))
+    for name in datasets.KINDS:
+        assert callable(datasets.module(name).fetch) and callable(datasets.module(name).load), name
+
+
+# Params a stage reads that cannot change what it writes, so dvc.yaml rightly leaves them out of its deps.
+NEVER_OUTPUTS = {
+    "tracking.": "MLflow only: outputs hold no run ids or timings",
+    "train.resume": "a resumed run ends with exactly the outputs of an uninterrupted one (test_loop, test_resume)",
+    "data.loader_workers": "streamed batches are the same whatever the number of readers (test_streaming)",
+    "tune.workers": "how many processes share the study (its exact trial count: test_tuning_workers)",
+    "tune.storage": "where the study lives",
+    "tune.lock": "where the study's lock lives",
+    "tune.heartbeat_interval": "how often a live trial says so",
+    "tune.grace_period": "when a silent trial is judged dead",
+}
+
+
+def config_reads(monkeypatch, cfg, call) -> set[str]:
+    """The dotted params `call()` reads, as the stage's own code reads them, from `cfg` and from every config made
+    from params (`config.validate`: overrides, a trial's config, tuned params). Not read from params: a config the
+    stage rebuilds from a file it depends on (a model file's), and the config's validators at work."""
+    import sys
+
+    from pipeline import config
+
+    params: set[int] = set()  # ids of the sections of configs made from params
+
+    def register(made):
+        params.update(id(section) for section in (made, made.data, made.data.augment, made.model, made.train,
+                                                  made.tracking, made.tune, *made.tune.space.values()))
+        return made
+
+    register(cfg)
+    validate = config.validate
+
+    prefixes = {config.Config: "", config.DataConfig: "data.", config.AugmentConfig: "data.augment.",
+                config.ModelConfig: "model.", config.TrainConfig: "train.", config.TrackingConfig: "tracking.",
+                config.TuneConfig: "tune.", config.SearchDimension: "tune.space.*."}
+    read: set[str] = set()
+    original = config.Section.__getattribute__
+
+    def recording(self, name):
+        field = type(self).model_fields.get(name)
+        if field is not None and field.annotation not in prefixes and id(self) in params \
+                and sys._getframe(1).f_code.co_filename != config.__file__:  # a leaf, read by the stage's code
+            read.add(prefixes[type(self)] + name)
+        return original(self, name)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(config, "validate", lambda *args, **kwargs: register(validate(*args, **kwargs)))
+        patched.setattr(config.Section, "__getattribute__", recording)
+        call()
+    return read
+
+
+@pytest.mark.slow
+def test_each_stage_reads_only_the_params_dvc_yaml_gives_it(repo_copy, monkeypatch):
+    """Runs every stage's function on tiny settings, recording each param its code reads: each one must be among
+    the stage's params in dvc.yaml (or in NEVER_OUTPUTS, with its reason). A stage that starts reading a param
+    without saying so (report reading model.name) would be left stale by `dvc repro` when that param changes."""
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(repo_copy)
+    cfg = load_config(repo_copy / "params.yaml", [
+        "train.epochs=1", "tune.epochs=1", "tune.n_trials=2", "tune.population=2", "tune.startup_trials=1",
+        "tracking.enabled=false", "comparison=[logreg]", "train.device=cpu", "train.threads=1"])
+    runs = {"download": lambda: stages.download(cfg), "prepare": lambda: stages.prepare(cfg),
+            "train": lambda: stages.train(cfg.for_model("logreg"), "logreg"),
+            "tune": lambda: stages.tune(cfg, []),
+            "train_final": lambda: stages.train(stages.tuned(cfg, paths.BEST_PARAMS), paths.FINAL),
+            "evaluate": lambda: stages.evaluate(cfg), "report": lambda: stages.report(cfg)}
+    from pipeline import config
+
+    set_by = {"train": ["model.name"],  # train@<model> runs `train --model <model>`, and DVC tracks its cmd
+              # every trial's train.epochs, train.monitor and train.resume come from tune.* (tuning.trial_config)
+              "tune": [f"train.{name}" for name in config._SET_BY_SEARCH]}
+    for name, run in runs.items():
+        declared = DVC[name].get("params", []) + set_by.get(name, [])
+        undeclared = sorted(key for key in config_reads(monkeypatch, cfg, run)
+                            if not any(key == d or key.startswith(d + ".") for d in declared)
+                            and not any(key.startswith(never) for never in NEVER_OUTPUTS))
+        assert not undeclared, f"{name} reads {undeclared}, which dvc.yaml does not list among its params"

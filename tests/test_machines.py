@@ -128,6 +128,20 @@ def test_four_machines_two_workers_each_one_sigkill_exactly_n_trials(services, t
     lines = wrong.stderr.strip().splitlines()
     assert wrong.returncode == 2 and len(lines) == 1 and "refused the credentials (HTTP 401)" in lines[0], wrong.stderr
 
+    # credentials in the URI itself (user:password@host, which MLflow's client takes as basic auth) are used by the
+    # pipeline's own check of the server too; it said "does not answer (Name or service not known)"
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    server = urlsplit(second[1]["MLFLOW_TRACKING_URI"])
+    for password, code in ((services["MLFLOW_TRACKING_PASSWORD"], 0), ("wrong", 2)):
+        netloc = f"{services['MLFLOW_TRACKING_USERNAME']}:{quote(password, safe='')}@{server.netloc}"
+        env = {**second[1], "MLFLOW_TRACKING_URI": urlunsplit(server._replace(netloc=netloc)),
+               "MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": ""}
+        inline = run_cli("train", "--model", "logreg", "--set", "train.epochs=1", cwd=second[0], env=env)
+        assert inline.returncode == code, inline.stderr
+        assert not any(secret in inline.stdout + inline.stderr for secret in secrets)
+        assert code == 0 or "refused the credentials (HTTP 401)" in inline.stderr, inline.stderr
+
 
 def write_png(path: Path) -> None:
     from PIL import Image

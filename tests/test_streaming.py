@@ -12,6 +12,7 @@ import torch
 
 from conftest import edit_params, run_cli, write_digit_folder
 from pipeline import data, datasets
+from pipeline.datasets import folders
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
@@ -75,16 +76,16 @@ def split_folder(root, parts=("train", "valid", "test")):
 
 def test_a_folder_that_comes_split_keeps_its_splits(tmp_path, monkeypatch):
     counts = split_folder(tmp_path / "images")
-    monkeypatch.setattr(datasets, "PARALLEL_FROM", 1)  # worker processes decode, in order
-    raw = datasets.load_folder(tmp_path / "images", channels=1, image_size=8, skip_bad_images=False)
+    monkeypatch.setattr(folders, "PARALLEL_FROM", 1)  # worker processes decode, in order
+    raw = folders.load_folder(tmp_path / "images", channels=1, image_size=8, skip_bad_images=False)
     assert raw.classes == [f"digit_{i}" for i in range(10)]
     assert [len(raw.train_labels), len(raw.val_labels), len(raw.test_labels)] == list(counts.values())
-    first = datasets.load_image(tmp_path / "images" / "valid" / "digit_0" / sorted(
+    first = folders.load_image(tmp_path / "images" / "valid" / "digit_0" / sorted(
         path.name for path in (tmp_path / "images" / "valid" / "digit_0").iterdir())[0], 1, 8)
     assert torch.equal(raw.val_images[0], first)  # sorted like ImageFolder, within its own split
 
-    monkeypatch.setattr(datasets, "PARALLEL_FROM", 10 ** 9)
-    sequential = datasets.load_folder(tmp_path / "images", channels=1, image_size=8, skip_bad_images=False)
+    monkeypatch.setattr(folders, "PARALLEL_FROM", 10 ** 9)
+    sequential = folders.load_folder(tmp_path / "images", channels=1, image_size=8, skip_bad_images=False)
     assert torch.equal(sequential.train_images, raw.train_images) and torch.equal(sequential.test_images,
                                                                                   raw.test_images)
 
@@ -103,11 +104,11 @@ def test_split_folders_must_agree_on_their_classes(tmp_path):
     split_folder(tmp_path / "images", parts=("train", "val"))
     shutil.copytree(tmp_path / "images" / "val" / "digit_1", tmp_path / "images" / "val" / "digit_x")
     with pytest.raises(UserError, match=r"val/digit_x is a class that .*train does not have"):
-        datasets.scan_folder(tmp_path / "images")
+        folders.scan_folder(tmp_path / "images")
     shutil.rmtree(tmp_path / "images" / "val" / "digit_x")
     shutil.copytree(tmp_path / "images" / "val", tmp_path / "images" / "validation")
     with pytest.raises(UserError, match="two val folders"):
-        datasets.scan_folder(tmp_path / "images")
+        folders.scan_folder(tmp_path / "images")
 
 
 def test_a_truncated_images_file_is_one_line_with_what_to_do(tmp_path, digits):
