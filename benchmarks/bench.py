@@ -431,6 +431,24 @@ def compare_tracking(args, prepared: data.PreparedData, device: torch.device) ->
                       [], note="fixed cost, once per run")]
 
 
+def compare_intervals(args) -> list[Row]:
+    """What `evaluate` adds to a run for its 95% intervals (the bootstrap and Wilson's), on an MNIST-size test set
+    of 10,000 images and 10 classes, against the 1 s a run may spend on them."""
+    from pipeline import evaluation
+
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 10, 10_000)
+    y_pred = np.where(rng.random(10_000) < 0.99, y_true, rng.integers(0, 10, 10_000))
+    metrics = evaluation.classification_metrics(y_true, y_pred)
+    matrix = evaluation.confusion(y_true, y_pred, 10)
+    seconds = [timed(lambda: evaluation.with_intervals(metrics, matrix, seed)) for seed in range(max(5, args.repeats))]
+    low, high = (evaluation.with_intervals(metrics, matrix, 0)[f"accuracy_ci95_{bound}"] for bound in ("low", "high"))
+    return [Row("evaluate, 95% intervals", f"bootstrap ({evaluation.RESAMPLES:,} resamples) + Wilson", "budget",
+                "s/run", seconds, [1.0] * len(seconds), target=1.0,
+                note=f"10,000 test images at accuracy {metrics['accuracy']:.4f}: [{low:.4f}, {high:.4f}] "
+                     f"(+-{(high - low) / 2 * 100:.2f} points)")]
+
+
 class SearchRun(NamedTuple):
     seconds: float
     epochs: int  # trained, over every trial
@@ -763,6 +781,7 @@ def main() -> int:
                 ("lightning", lambda: compare_lightning(args, mnist, subset, device)),
                 ("folder", lambda: compare_folder(args, device)),
                 ("tracking", lambda: compare_tracking(args, digits(), device)),
+                ("intervals", lambda: compare_intervals(args)),
                 ("search", lambda: compare_pruning(args, digits(), device)),
                 ("population", lambda: compare_population(args, digits(), mnist, device)),
                 ("pipeline", lambda: compare_pipeline(args))]
@@ -813,7 +832,7 @@ def cpu_name() -> str:
 
 EXPECTED = ("data path, num_workers=0", "data path, num_workers=2", "epoch, mlp", "epoch, cnn", "epoch vs Lightning",
             "prepare, decode a JPEG folder", "epoch, streamed vs resident",
-            "tracking, per epoch", "tracking, per run", "search, pruning", "search, digits, cnn, population",
+            "tracking, per epoch", "tracking, per run", "evaluate, 95% intervals", "search, pruning", "search, digits, cnn, population",
             "search, MNIST-format, cnn, population", "pipeline, dvc repro from scratch",
             "pipeline, no-op dvc repro")
 

@@ -26,8 +26,9 @@ PARAMS: dict[str, list[str]] = {
     # the study name holds data.name; CPU threads set the order of sums, which bf16 numbers show
     "tune": [*search_keys(), "data.name", "train.threads"],
     "train_final": training_keys(),
-    # which runs are evaluated, how their reports are titled, and where and with how many threads they compute
-    "evaluate": ["comparison", "data.name", "train.device", "train.threads"],
+    # which runs are evaluated, how their reports are titled, where and with how many threads they compute, and
+    # the seed of the intervals' bootstrap
+    "evaluate": ["seed", "comparison", "data.name", "train.device", "train.threads"],
     "report": ["comparison", "data.name"],
 }
 
@@ -215,9 +216,9 @@ def evaluate(cfg: Config) -> None:
     for run_name in evaluated_runs(cfg):
         model_file = RunPaths.of(run_name).model
         y_true, y_pred, model_name = predict_test_set(model_file, prepared, device, cfg.data.loader_workers)
-        metrics = evaluation.classification_metrics(y_true, y_pred)
         text, as_dict = evaluation.report(y_true, y_pred, prepared.classes)
         matrix = evaluation.confusion(y_true, y_pred, prepared.num_classes)
+        metrics = evaluation.with_intervals(evaluation.classification_metrics(y_true, y_pred), matrix, cfg.seed)
 
         out = paths.eval_dir(run_name)
         files.write_json(out / "metrics.json", metrics)
@@ -236,7 +237,8 @@ def evaluate(cfg: Config) -> None:
             tracking.log_test_results(cfg, run_name, model_file, metrics, [
                 out / name for name in ("confusion_matrix.png", "confusion_matrix.csv", "classification_report.txt",
                                         "classification_report.json")])
-        print(f"[{run_name}] test accuracy {metrics['accuracy']:.4f} f1_macro {metrics['f1_macro']:.4f}")
+        print(f"[{run_name}] test accuracy {evaluation.shown(metrics, 'accuracy')} "
+              f"f1_macro {evaluation.shown(metrics, 'f1_macro')} on {metrics['images']} images")
 
 
 def predict_test_set(model_file: Path, prepared, device, workers: int = 0):
@@ -276,7 +278,7 @@ def _stage_of(history: Path) -> str:
 def report(cfg: Config) -> None:
     """reports/metrics.json for the final model, compare.md across models, DVC plots and PNGs."""
     from pipeline import files, reporting
-    from pipeline.evaluation import METRIC_KEYS
+    from pipeline.evaluation import KEYS, LEVEL, METRIC_KEYS, RESAMPLES, shown
 
     runs = evaluated_runs(cfg)
     remedy = "run the train and evaluate stages first (`dvc repro`)"
@@ -285,15 +287,18 @@ def report(cfg: Config) -> None:
     # every input read and checked before anything is written: a bad one leaves every output as it was
     histories = {run: _read_history(RunPaths.of(run).history) for run in runs}
     try:
-        rows = [[run_label(run, fit[run]["model"]), *(test[run][key] for key in METRIC_KEYS), f"{fit[run]['parameters']:,}",
-                 fit[run]["best_epoch"]] for run in runs]
-        final = {key: test[FINAL][key] for key in METRIC_KEYS}
+        rows = [[run_label(run, fit[run]["model"]), *(shown(test[run], key) for key in METRIC_KEYS),
+                 f"{fit[run]['parameters']:,}", fit[run]["best_epoch"]] for run in runs]
+        final = {key: test[FINAL][key] for key in KEYS}
     except (KeyError, TypeError) as err:
         raise UserError(f"reports/eval or reports/train hold files of another version (no {err}); "
                         "run `dvc repro -f evaluate` and the train stages again") from None
     header = ["model", *(key.replace("_", " ") for key in METRIC_KEYS), "parameters", "best epoch"]
+    how = (f"Each value's {LEVEL:.0%} interval [low, high]: a seeded bootstrap over the {final['images']} test "
+           f"images ({RESAMPLES:,} resamples), how far another test set of this size could move it. Differences "
+           "within it are not evidence that one model is better.")
     files.write_text(paths.COMPARE_MD, f"# Test-set comparison on {cfg.data.name}\n\n"
-                     + reporting.markdown_table(header, rows))
+                     + reporting.markdown_table(header, rows) + f"\n{how}\n")
     files.write_json(paths.METRICS_JSON, final)
 
     # the final model's predictions and confusion matrix as `evaluate` wrote them, where DVC's plots expect them
@@ -301,4 +306,4 @@ def report(cfg: Config) -> None:
     files.copy_file(paths.eval_dir(FINAL) / "confusion_matrix.png", paths.PLOTS_DIR / "confusion.png")
     reporting.plot_curves(histories, paths.PLOTS_DIR / "curves.png")
     files.write_csv(paths.PLOTS_DIR / "curves.csv", reporting.LONG_CURVE_COLUMNS, reporting.long_curve_rows(histories))
-    print(f"final model ({fit[FINAL]['model']}): " + ", ".join(f"{k} {final[k]:.4f}" for k in METRIC_KEYS))
+    print(f"final model ({fit[FINAL]['model']}): " + ", ".join(f"{k} {shown(final, k)}" for k in METRIC_KEYS))

@@ -8,6 +8,7 @@ import optuna
 import pytest
 
 from conftest import by_role, edit_params, git, run_dvc, stores
+from pipeline.evaluation import KEYS
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +27,12 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     history = list(csv.DictReader((repo_copy / "reports/train/logreg/history.csv").open()))
     assert [row["epoch"] for row in history] == ["1", "2"]
     assert list(history[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
-    assert set(json.loads((repo_copy / "reports/metrics.json").read_text())) == METRIC_KEYS
+    final = json.loads((repo_copy / "reports/metrics.json").read_text())
+    assert list(final) == list(KEYS) and METRIC_KEYS <= set(final)  # each test metric with its 95% interval
     compare = (repo_copy / "reports/compare.md").read_text()
     assert "| logreg |" in compare and "| final (cnn) |" in compare and "seconds" not in compare
+    assert f"| {final['accuracy']:.4f} [{final['accuracy_ci95_low']:.3f}, {final['accuracy_ci95_high']:.3f}] |" \
+        in compare
     assert (repo_copy / "reports/plots/confusion.png").stat().st_size > 1000
     assert not list((repo_copy / "checkpoints").rglob("*.pt")), "finished runs leave no resume point"
     edit_params(repo_copy, {"tracking.enabled": True})

@@ -13,7 +13,8 @@ from conftest import copy_repo, edit_params, run_cli
 
 pytestmark = pytest.mark.slow
 
-TEST_METRICS = {"test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro", "test_f1_weighted"}
+TEST_METRICS = {"test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro", "test_f1_weighted",
+                "test_accuracy_ci95_low", "test_accuracy_ci95_high", "test_f1_macro_ci95_low", "test_images"}
 PASSWORD = "Pa55-w0rd-that-must-not-leak"
 SECRET_STORAGE = f"postgresql://optuna:{PASSWORD}@127.0.0.1:1/optuna"
 

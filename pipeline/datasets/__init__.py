@@ -45,19 +45,18 @@ class RawDataset:
 
 @dataclass(frozen=True)
 class Kind:
-    """One kind of dataset: the module that fetches and decodes it, and what it is."""
+    """One kind of dataset: the module that fetches and decodes it."""
 
     module: str  # pipeline.datasets.<module>
-    about: str
     folder: bool = False  # read from data.path and scanned before it is decoded (it may decode straight to disk)
 
 
 KINDS = {
-    "digits": Kind("digits", "scikit-learn's bundled 8x8 handwritten digits: works offline"),
-    "mnist": Kind("official", "MNIST (torchvision's files, official MD5s)"),
-    "fashion_mnist": Kind("official", "Fashion-MNIST (torchvision's files, official MD5s)"),
-    "cifar10": Kind("official", "CIFAR-10 (torchvision's archive, official MD5s)"),
-    "folder": Kind("folders", "an image folder at data.path, one sub-folder per class", folder=True),
+    "digits": Kind("digits"),  # scikit-learn's bundled 8x8 handwritten digits: works offline
+    "mnist": Kind("official"),  # torchvision's files, checked against their official MD5s
+    "fashion_mnist": Kind("official"),
+    "cifar10": Kind("official"),
+    "folder": Kind("folders", folder=True),  # an image folder at data.path, one sub-folder per class
 }
 
 
