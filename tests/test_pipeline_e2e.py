@@ -104,3 +104,16 @@ def test_a_folder_fine_tunes_from_a_local_weights_file_through_dvc_exp_run(repo_
     run, = runs
     assert run.data.tags["model.weights_sha256"] == sha256
     assert run.data.params["model.weights"] == "IMAGENET1K_V1" and run.data.params["model.freeze_backbone"] == "True"
+
+
+def test_dvc_exp_run_set_param_changes_exactly_that_line_of_params_yaml(repo_copy):
+    """params.yaml is kept in the form DVC writes back (block lists, empty nulls, no comment after a list), so
+    `dvc exp run -S key=value` changes that key's line and nothing else: it rewrote 37 lines for one key."""
+    before = (repo_copy / "params.yaml").read_text().splitlines()
+    result = run_dvc("exp", "run", "-S", "train.epochs=5", "-S", "model.dropout=0.3", "download", cwd=repo_copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = (repo_copy / "params.yaml").read_text().splitlines()
+    changed = [(old, new) for old, new in zip(before, after) if old != new]
+    assert len(after) == len(before)
+    assert changed == [("  dropout: 0.2", "  dropout: 0.3"), ("  epochs: 30", "  epochs: 5")]
+    assert git(repo_copy, "diff", "--numstat", "params.yaml").stdout.split()[:2] == ["2", "2"]
