@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import REPO, copy_repo, edit_params, run_cli
+from helpers import REPO, copy_repo, edit_params, run_cli
 
 slow = pytest.mark.slow
 

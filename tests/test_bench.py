@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, member
+from helpers import REPO, member
 from pipeline import population
 from pipeline.population import engine
 

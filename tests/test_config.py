@@ -6,7 +6,7 @@ import yaml
 from pipeline.config import Config, load_config, study_keys, training_keys
 from pipeline.errors import UserError
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 
 def test_repo_params_are_valid_and_equal_the_code_defaults():
@@ -117,7 +117,7 @@ def test_the_params_reference_page_is_what_the_config_says():
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "params_reference.py"), "--check"],
                             capture_output=True, text=True)
@@ -127,7 +127,7 @@ def test_the_params_reference_page_is_what_the_config_says():
 def test_a_command_lines_model_counts_before_validation():
     """`train --model resnet18 --set model.weights=IMAGENET1K_V1` was refused with "cnn has no published weights":
     params.yaml's model was judged, not the one the command line asked for."""
-    from conftest import REPO
+    from helpers import REPO
     from pipeline.config import load_config
 
     cfg = load_config(REPO / "params.yaml", ["model.weights=IMAGENET1K_V1"], model="resnet18")

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
-from archives import CIFAR_CLASSES, FakeDataset, cifar10_archive, file_info, md5, mnist_files, tar_gz
+from helpers.archives import CIFAR_CLASSES, FakeDataset, cifar10_archive, file_info, md5, mnist_files, tar_gz
 from pipeline.datasets import downloads, folders, official
 from pipeline.errors import UserError
 
@@ -471,7 +471,7 @@ def test_load_image_applies_exif_rotation(tmp_path):
 
 def stage_config(**data):
     from pipeline.config import load_config
-    from conftest import REPO
+    from helpers import REPO
 
     overrides = [f"data.{key}={value}" for key, value in data.items()]
     return load_config(REPO / "params.yaml", [*overrides, "train.epochs=1", "tracking.enabled=false",
@@ -512,7 +512,7 @@ def test_cifar10_prepare_keeps_colour_and_official_test_split(monkeypatch, tmp_p
 
 
 def test_cli_download_of_wrong_bytes_is_one_line_and_leaves_nothing_usable(tmp_path, mirror):
-    from conftest import run_cli
+    from helpers import run_cli
 
     for name in MNIST_FILES:  # the real MD5s apply in the CLI process: these bytes can't match them
         mirror.files[name] = b"not the MNIST you are looking for"
@@ -633,7 +633,7 @@ def test_own_copies_in_data_local_survive_dvc_exp_run_in_the_workspace_and_in_a_
     """DVC empties a stage's output folder (data/raw/<name>/) before the stage runs: copies a user put there were
     gone before `download` looked. data/local/<name>/ belongs to no stage, and a queued or temporary experiment,
     which runs in a copy of the repo, still finds it in the user's repository."""
-    from conftest import copy_repo, edit_params, git, run_dvc
+    from helpers import copy_repo, edit_params, git, run_dvc
 
     repo = copy_repo(tmp_path / "repo")
     fake = mnist_files()

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
-from imports import MODULES, _tree, closure, stage_modules
+from helpers import REPO
+from helpers.imports import MODULES, _tree, closure, stage_modules
 from pipeline import paths, stages
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

@@ -7,7 +7,7 @@ import subprocess
 import optuna
 import pytest
 
-from conftest import by_role, edit_params, git, run_dvc, stores
+from helpers import by_role, edit_params, git, run_dvc, stores
 from pipeline.evaluation import KEYS
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import copy_repo, edit_params, run_cli
+from helpers import copy_repo, edit_params, run_cli
 
 pytestmark = pytest.mark.slow
 

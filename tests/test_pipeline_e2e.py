@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import edit_params, git, run_cli, run_dvc, stores, write_digit_folder
+from helpers import edit_params, git, run_cli, run_dvc, stores, write_digit_folder
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_mnist_copy_in_torchvision_layout_is_used_by_dvc_repro_without_network(r
     data.checksums); the mirror is a closed port, so any download attempt would fail the stage."""
     import gzip
 
-    from archives import md5, mnist_files
+    from helpers.archives import md5, mnist_files
 
     fake = mnist_files(n_train=200, n_test=50)
     folder = repo_copy / "data" / "raw" / "MNIST" / "raw"

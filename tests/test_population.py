@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import member
+from helpers import member
 from pipeline import loop, population, training
 from pipeline.population import fusion, stacking
 from pipeline.models import build_model

@@ -17,7 +17,7 @@ from pipeline import data, loop, models, optim, training
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
-from conftest import REPO
+from helpers import REPO
 
 NAME = "mobilenet_v3_small"
 WEIGHTS = {"model.name": NAME, "model.weights": "MobileNet_V3_Small_Weights.IMAGENET1K_V1"}

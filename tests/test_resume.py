@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import edit_params, run_cli, write_digit_folder
+from helpers import edit_params, run_cli, write_digit_folder
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,13 @@ import shutil
 import pytest
 import torch
 
-from conftest import edit_params, run_cli, write_digit_folder
+from helpers import edit_params, run_cli, write_digit_folder
 from pipeline import data, datasets
 from pipeline.datasets import folders
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
-from conftest import REPO
+from helpers import REPO
 
 SETTINGS = {"data.name": "folder", "data.channels": 1, "data.image_size": 8, "comparison": ["cnn"],
             "tracking.enabled": False, "train.epochs": 2, "model.dropout": 0.3,

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import copy_repo, edit_params, run_cli
+from helpers import copy_repo, edit_params, run_cli
 
 pytestmark = pytest.mark.slow
 

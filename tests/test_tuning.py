@@ -11,8 +11,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import REPO, edit_params, run_cli
-from searches import CONTINUOUS, load_only_study, states
+from helpers import REPO, edit_params, run_cli
+from helpers.searches import CONTINUOUS, load_only_study, states
 
 pytestmark = pytest.mark.slow
 

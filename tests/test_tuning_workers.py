@@ -11,8 +11,8 @@ import mlflow
 import pytest
 from optuna.trial import TrialState
 
-from conftest import edit_params, run_cli
-from searches import CONTINUOUS, FINISHED, TINY_SEARCH, load_only_study, states, storage_for
+from helpers import edit_params, run_cli
+from helpers.searches import CONTINUOUS, FINISHED, TINY_SEARCH, load_only_study, states, storage_for
 
 pytestmark = pytest.mark.slow
 

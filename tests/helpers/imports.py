@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 ENTRY = ("__init__", "__main__", "cli")
 # the pipeline's modules by name: its files (loop.py: "loop") and its sub-packages (population/: "population")
 MODULES = {path.stem for path in PACKAGE.glob("*.py")} | {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
