@@ -1,4 +1,5 @@
 # `make repro` and `make test` are all a fresh clone needs (Python 3.10+, PyPI reachable).
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(abspath $(VENV)/bin)
@@ -20,8 +21,10 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
+# DVC ends every repro that ran a stage with a hint to `dvc push`, remote or not: shown only where there is one
 repro: install
-	dvc repro
+	@if dvc remote default >/dev/null 2>&1; then dvc repro; \
+	else set -o pipefail; dvc repro | sed '/^Use `dvc push` to send your updates to remote storage.$$/d'; fi
 
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass. Two workers (pytest-xdist), each
 # taking whole modules (--dist loadscope), so a module's shared fixture is built once.

@@ -1,8 +1,9 @@
 """One function per DVC stage: a validated Config in, the stage's outputs out.
 
-`PARAMS` says which params each stage reads; dvc.yaml lists exactly these
-(tests/test_dvc_yaml.py checks it, and that each stage's code deps are the
-pipeline modules it imports). Outputs hold no timings, run ids or other
+`PARAMS` says which params each stage reads; dvc.yaml lists exactly these.
+tests/test_dvc_yaml.py checks that, that each stage's code deps are the
+pipeline modules it imports, and, running every stage, that its code reads no
+param it does not list. Outputs hold no timings, run ids or other
 per-run noise: a deterministic re-run rewrites the same bytes, so DVC and git
 see no change. Heavy modules are imported inside the stage that needs them.
 """

@@ -70,7 +70,8 @@ def connect(cfg: TrackingConfig) -> MlflowClient:
     """A client for the store; the first connection of a process checks it and closes orphaned runs."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in stage logs
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # two lines per run (and trial)
-    for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..." on stderr
+    # "Creating initial tables..." and, per logged model, "Validating input example against model signature"
+    for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.pyfunc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     uri = tracking_uri(cfg)
     if uri not in _checked:
