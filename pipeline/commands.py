@@ -114,7 +114,8 @@ def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, r
                     raise UserError(f"{name} {how}{where}")
             for name, (_, url) in list(pending.items()):
                 if _answers(url):
-                    print(f"{name + ':':<18} {url}", flush=True)
+                    page = tracking.runs_page(cfg, url) if name == "MLflow UI" else None
+                    print(f"{name + ':':<18} {url}" + (f"  (this project's runs: {page})" if page else ""), flush=True)
                     del pending[name]
             if pending and time.monotonic() > deadline:
                 raise UserError(f"{', '.join(pending)} did not answer within {ready_timeout_s:g}s")

@@ -158,17 +158,32 @@ def _probe_server(uri: str) -> None:
                         "tracking.uri / MLFLOW_TRACKING_URI") from None
 
 
+# The experiment tag MLflow's UI reads to choose an experiment's default view: a model-training experiment opens
+# on its runs and their metrics, not on the GenAI "Overview" of traces and evaluations.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create the experiment; a local store keeps its artifacts under <repo>/mlartifacts/<name>."""
+    """Get or create the experiment, marked as model training (EXPERIMENT_KIND); a local store keeps its artifacts
+    under <repo>/mlartifacts/<name>."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    local = urlsplit(client.tracking_uri).scheme.split("+")[0] not in ("http", "https", "databricks")
-    location = (paths.default_mlflow_artifacts() / name).as_uri() if local else None  # a server serves its own
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # another worker created it first
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        local = urlsplit(client.tracking_uri).scheme.split("+")[0] not in ("http", "https", "databricks")
+        location = (paths.default_mlflow_artifacts() / name).as_uri() if local else None  # a server serves its own
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException:  # another worker created it first
+            experiment = client.get_experiment_by_name(name)
+    for key, value in EXPERIMENT_KIND.items():  # an experiment a store had before
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def runs_page(cfg: Config, base_url: str) -> str | None:
+    """The MLflow UI's page of this project's runs (its experiment's run table), or None before its first run."""
+    experiment = connect(cfg.tracking).get_experiment_by_name(cfg.tracking.experiment or cfg.data.name)
+    return f"{base_url}/#/experiments/{experiment.experiment_id}/runs" if experiment else None
 
 
 # ---------------------------------------------------------------- processes and orphans

@@ -50,7 +50,10 @@ def test_each_training_run_has_params_curves_test_metrics_lineage_and_model(trai
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     for run in runs[:2]:
         assert run.info.status == "FINISHED"
-        assert client.get_experiment(run.info.experiment_id).name == "digits"
+        experiment = client.get_experiment(run.info.experiment_id)
+        assert experiment.name == "digits"
+        # the UI opens it on its training runs, not on MLflow's GenAI overview; `ui` prints the link to them
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         assert run.info.run_name.startswith("logreg-")
         assert run.data.params["train.lr"] == "0.001" and run.data.params["model.name"] == "logreg"
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
@@ -66,6 +69,12 @@ def test_each_training_run_has_params_curves_test_metrics_lineage_and_model(trai
         assert client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                            filter_string=f"source_run_id = '{run.info.run_id}'")
     assert not (repo / "mlruns").exists(), "a logged model must land in the run's experiment, not ./mlruns"
+    from pipeline import tracking
+    from pipeline.config import load_config
+
+    cfg = load_config(repo / "params.yaml", [f"tracking.uri={env['MLFLOW_TRACKING_URI']}"])
+    assert tracking.runs_page(cfg, "http://127.0.0.1:5000") == \
+        f"http://127.0.0.1:5000/#/experiments/{runs[0].info.experiment_id}/runs"
 
 
 def test_registry_versions_carry_val_and_test_metrics_and_best_is_chosen_on_validation(trained):
@@ -100,7 +109,7 @@ def test_reproduce_matches_exactly_and_refuses_other_data(trained):
     assert result.returncode == 0, result.stderr
     assert f"run {run_id} reproduced exactly" in result.stdout and "test_accuracy" in result.stdout
 
-    run_cli("prepare", "--set", "seed=7", cwd=repo, check=True, env=env)
+    run_cli("prepare", "--set", "data.split_seed=7", cwd=repo, check=True, env=env)
     result = run_cli("reproduce", run_id, cwd=repo, env=env)
     assert result.returncode == 2
     line, = result.stderr.strip().splitlines()
