@@ -857,7 +857,7 @@ def digits() -> data.PreparedData:
 
     cfg = load_config(REPO / "params.yaml")
     raw = bundled.load_digits()
-    splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.seed)
+    splits = data.split_dataset(raw.train_images, raw.train_labels, raw.classes, cfg.data, cfg.data.split_seed)
     mean, std = data.channel_stats(splits["train"])
     return data.PreparedData(**splits, classes=raw.classes, mean=mean, std=std, md5="bench-digits")
 

@@ -65,6 +65,9 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="validation split carved from the training part, "
                                                                "stratified")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for datasets without an official test split")
+    split_seed: int = Field(42, ge=0, lt=2**32, description="seeds the train/val(/test) split, and nothing else: "
+                                                            "another seed (a replicate, a trial, -S seed=...) varies "
+                                                            "training only, on the same test images")
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("mirror")
@@ -246,8 +249,9 @@ class TuneConfig(Section):
 
 
 class Config(Section):
-    seed: int = Field(42, ge=0, lt=2**32, description="seeds the split, initialisation, data order, augmentation, "
-                                                      "dropout and the search's sampler (numpy takes [0, 2**32))")
+    seed: int = Field(42, ge=0, lt=2**32, description="seeds initialisation, data order, augmentation, dropout, "
+                                                      "the search's sampler and the intervals' bootstrap (the split "
+                                                      "has data.split_seed)")
     data: DataConfig = DataConfig()
     # Not called `models`: DVC confuses a param of that name with the models/ output folder.
     comparison: list[ModelName] = Field(["logreg", "mlp", "cnn"], min_length=1,

@@ -21,8 +21,8 @@ from pipeline.paths import FINAL, RunPaths
 _DATA = ["data.name", "data.path", "data.follow_symlinks", "data.checksums"]
 PARAMS: dict[str, list[str]] = {
     "download": _DATA,
-    "prepare": ["seed", *_DATA, "data.image_size", "data.channels", "data.skip_bad_images", "data.memory_limit_mb",
-                "data.val_fraction", "data.test_fraction"],
+    "prepare": [*_DATA, "data.image_size", "data.channels", "data.skip_bad_images", "data.memory_limit_mb",
+                "data.val_fraction", "data.test_fraction", "data.split_seed"],
     "train": [key for key in training_keys() if key != "model.name"],  # train@<model> sets the name
     # the study name holds data.name; CPU threads set the order of sums, which bf16 numbers show
     "tune": [*search_keys(), "data.name", "train.threads"],
@@ -83,7 +83,7 @@ def prepare(cfg: Config) -> None:
                 with open(images_path, "wb") as stream:
                     for part in parts:
                         stream.write(part.contiguous().numpy().tobytes())
-        splits = data.splits_of(raw, cfg.data, cfg.seed, images_path)
+        splits = data.splits_of(raw, cfg.data, cfg.data.split_seed, images_path)
         meta = data.save_prepared(out, splits, raw.classes, source=raw.source, images_path=images_path)
     samples, first = splits["train"], torch.arange(min(9, len(splits["train"])))
     reporting.plot_samples(samples.take(first), [raw.classes[i] for i in samples.labels[first].tolist()],

@@ -324,7 +324,7 @@ def test_a_full_disk_leaves_the_previous_outputs_and_no_debris(world, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    result = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--set", "seed=3"], cwd=repo,
+    result = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--set", "data.split_seed=3"], cwd=repo,
                             capture_output=True, text=True, preexec_fn=small_disk)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
