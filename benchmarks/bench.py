@@ -832,7 +832,8 @@ def cpu_name() -> str:
 
 EXPECTED = ("data path, num_workers=0", "data path, num_workers=2", "epoch, mlp", "epoch, cnn", "epoch vs Lightning",
             "prepare, decode a JPEG folder", "epoch, streamed vs resident",
-            "tracking, per epoch", "tracking, per run", "evaluate, 95% intervals", "search, pruning", "search, digits, cnn, population",
+            "tracking, per epoch", "tracking, per run", "evaluate, 95% intervals", "search, pruning",
+            "search, digits, cnn, population",
             "search, MNIST-format, cnn, population", "pipeline, dvc repro from scratch",
             "pipeline, no-op dvc repro")
 

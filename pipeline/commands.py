@@ -65,7 +65,8 @@ def reproduce(cfg: Config, run_id: str) -> None:
     with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:  # never touches models/ or reports/
         run_paths = RunPaths.of(role, Path(scratch))
         stages.train(retrain, role, run_paths)
-        y_true, y_pred, _ = stages.predict_test_set(run_paths.model, prepared, devices.resolve_device(retrain.train.device))
+        device = devices.resolve_device(retrain.train.device)
+        y_true, y_pred, _ = stages.predict_test_set(run_paths.model, prepared, device)
     new = {f"test_{k}": v for k, v in evaluation.classification_metrics(y_true, y_pred).items()}
     old = {key: logged_metrics.get(key) for key in new}
     print(f"\n{'metric':<26}{'run ' + run_id[:8]:>14}{'reproduced':>14}")

@@ -58,8 +58,9 @@ class DataConfig(Section):
                                                      "(refused by default; followed files are tracked too)")
     checksums: dict[str, str] = Field({}, description="file name -> MD5 accepted besides the official one "
                                                       "(private copies of mnist/fashion_mnist/cifar10 files)")
-    memory_limit_mb: float = Field(2048, ge=0, le=2**20, description="prepared data up to this size stays resident on the "
-                                                           "training device; larger data is streamed from disk")
+    memory_limit_mb: float = Field(2048, ge=0, le=2**20,
+                                   description="prepared data up to this size stays resident on the training device; "
+                                               "larger data is streamed from disk")
     loader_workers: int = Field(2, ge=0, le=64, description="streamed data: DataLoader worker processes reading "
                                                             "batches ahead of the device")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="validation split carved from the training part, "
@@ -107,8 +108,9 @@ class ModelConfig(Section):
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{8,64}$",
                                        description="weights: expected SHA-256 (or prefix); default the published one")
     freeze_backbone: bool = Field(False, description="weights: train the new head only (see unfreeze_after)")
-    unfreeze_after: int = Field(0, ge=0, le=MAX_EPOCHS, description="freeze_backbone: fine-tune everything after this many "
-                                                     "epochs; 0 = the backbone stays frozen")
+    unfreeze_after: int = Field(0, ge=0, le=MAX_EPOCHS,
+                                description="freeze_backbone: fine-tune everything after this many epochs; 0 = the "
+                                            "backbone stays frozen")
 
     @model_validator(mode="after")
     def _weights_settings(self) -> ModelConfig:
@@ -127,7 +129,8 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="epochs per training run (trials run tune.epochs)")
-    batch_size: int = Field(64, ge=1, le=2**20, description="samples per step (the global batch with several processes)")
+    batch_size: int = Field(64, ge=1, le=2**20,
+                            description="samples per step (the global batch with several processes)")
     lr: float = Field(1e-3, gt=0, description="learning rate (a one-cycle schedule's peak)")
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="torch.optim's optimizer")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop")
@@ -149,10 +152,11 @@ class TrainConfig(Section):
                             "convolutional models, else fp32")
     channels_last: Literal["auto"] | bool = Field("auto", description="channels_last memory format; auto: for "
                                                                       "models with convolutions")
-    threads: int | None = Field(None, ge=1, le=4096, description="CPU threads per process (torch.set_num_threads); null: the "
-                                                       "cores this process may use, shared out among processes "
-                                                       "that train at once (tune --workers, train --nproc). It "
-                                                       "shapes results (summation order), so runs record it")
+    threads: int | None = Field(None, ge=1, le=4096,
+                                description="CPU threads per process (torch.set_num_threads); null: the cores this "
+                                            "process may use, shared out among processes that train at once (tune "
+                                            "--workers, train --nproc). It shapes results (summation order), so runs "
+                                            "record it")
     compile: bool = Field(False, description="torch.compile the model")
     deterministic: bool = Field(True, description="reproducible kernels: identical metrics for identical params "
                                                   "on CPU")
@@ -174,7 +178,8 @@ class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<repo>/mlflow.db; "
                                                "MLFLOW_TRACKING_URI overrides")
     experiment: str | None = Field(None, description="MLflow experiment; default data.name")
-    flush_every_s: float = Field(5.0, ge=0, le=3600, description="epoch metrics are sent in one batch at most this often")
+    flush_every_s: float = Field(5.0, ge=0, le=3600,
+                                 description="epoch metrics are sent in one batch at most this often")
     log_models: bool = Field(True, description="log each model as an MLflow model; the final one is registered")
     system_metrics: bool = Field(False, description="CPU/RAM (and GPU) usage via MLflow system metrics")
 
@@ -213,10 +218,13 @@ class SearchDimension(Section):
 
 
 class TuneConfig(Section):
-    n_trials: int = Field(24, ge=1, le=100_000, description="trials counted: complete + pruned + running, across all workers")
-    timeout: float | None = Field(None, gt=0, le=366 * 86400, description="seconds per worker; stop starting trials after it")
-    epochs: int = Field(15, ge=1, le=MAX_EPOCHS, description="epochs per trial (independent of train.epochs, so changing "
-                                               "train.epochs never re-runs the search)")
+    n_trials: int = Field(24, ge=1, le=100_000,
+                          description="trials counted: complete + pruned + running, across all workers")
+    timeout: float | None = Field(None, gt=0, le=366 * 86400,
+                                  description="seconds per worker; stop starting trials after it")
+    epochs: int = Field(15, ge=1, le=MAX_EPOCHS,
+                        description="epochs per trial (independent of train.epochs, so changing train.epochs never "
+                                    "re-runs the search)")
     metric: Monitor = Field("val_loss", description="what the search minimises or maximises, per epoch")
     sampler: Literal["tpe", "random", "cmaes", "gp"] = Field("tpe", description="Optuna sampler, seeded from seed")
     # Successive halving (asynchronous, like ASHA) judges a trial against every trial that reached the same epoch,
@@ -226,8 +234,9 @@ class TuneConfig(Section):
         "successive_halving", description="Optuna pruner on the per-epoch metric")
     startup_trials: int = Field(5, ge=0, le=100_000, description="trials sampled at random before TPE (and the median "
                                                      "pruner) act")
-    warmup_epochs: int = Field(3, ge=0, le=MAX_EPOCHS, description="epochs a trial runs before it can be pruned (successive "
-                                                    "halving: its first rung)")
+    warmup_epochs: int = Field(3, ge=0, le=MAX_EPOCHS,
+                               description="epochs a trial runs before it can be pruned (successive halving: its "
+                                           "first rung)")
     workers: int = Field(1, ge=1, le=256, description="worker processes on this machine (more machines: start "
                                                       "tune on each)")
     population: int = Field(16, ge=1, le=256, description="trials trained at once by each worker: those of the same "
@@ -239,7 +248,8 @@ class TuneConfig(Section):
     lock: str | None = Field(None, description="grpc:// storage: the postgresql:// URL of the database behind the "
                                                "proxy, whose advisory lock keeps the study at exactly n_trials")
     heartbeat_interval: int = Field(10, ge=1, le=3600, description="seconds between heartbeats of running trials (RDB)")
-    grace_period: int = Field(60, ge=2, le=7 * 86400, description="a trial without heartbeat this long is stale: failed + retried")
+    grace_period: int = Field(60, ge=2, le=7 * 86400,
+                              description="a trial without heartbeat this long is stale: failed + retried")
     space: dict[str, SearchDimension] = Field(default_factory=dict, description="searched params by dotted key: "
                                                                             "{low, high, log?, step?} or {choices}")
 

@@ -1,4 +1,4 @@
-"""The one training loop: every run, trial, seed replicate and DDP rank trains through it.
+"""The one training loop: every run, trial and DDP rank (and, next, every seed replicate) trains through it.
 
 `fit` trains one model, in the shape of torchvision's reference script: per
 epoch `train_one_epoch`, then `evaluate` on the validation batches, then the
@@ -201,8 +201,9 @@ class Run:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
             self.train_batches.load_state_dict(state["rng"]["batches"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:  # keys right, contents not
-            raise UserError(f"resume point {self.checkpoints.path} does not fit this run ({shorten(first_line(err), 80)}"
-                            "): delete it to train from scratch") from None
+            reason = shorten(first_line(err), 80)
+            raise UserError(f"resume point {self.checkpoints.path} does not fit this run ({reason}): delete it to "
+                            "train from scratch") from None
         print(f"resuming from {self.checkpoints.path} after epoch {len(self.history)}", file=sys.stderr)
 
     def begin_epoch(self) -> None:

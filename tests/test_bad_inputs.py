@@ -227,8 +227,9 @@ CASES = {
                           "data.mirror: 'ftp://x': a mirror is an http://, https:// or file:// base URL"),
     # corrupt stores and files written by earlier stages (group 2)
     "a corrupt mlflow.db": Case(["train", "--set", "tracking.enabled=true", "--set",
-                                 "tracking.uri=sqlite:///broken-mlflow.db"], "broken-mlflow.db is not a readable "
-                                "SQLite database", setup=corrupt("broken-mlflow.db", b"SQLite format 3\x00" + bytes(200)),
+                                 "tracking.uri=sqlite:///broken-mlflow.db"],
+                                "broken-mlflow.db is not a readable SQLite database",
+                                setup=corrupt("broken-mlflow.db", b"SQLite format 3\x00" + bytes(200)),
                                 marks=[slow], process=True),
     "resume point of unusable weights": Case(["train", "--model", "cnn"], "does not fit this run",
                                              setup=resume_point("unusable weights"), marks=[slow]),

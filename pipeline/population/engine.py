@@ -1,4 +1,4 @@
-"""Several runs trained at once, each as `loop.fit` trains it alone: trials of a search, seed replicates.
+"""Several runs trained at once, each as `loop.fit` trains it alone: the trials of a search (next: seed replicates).
 
 Each run keeps its own `loop.Run` (optimizer, schedule, callbacks, early
 stopping, resume point, per-epoch metrics); runs with equal

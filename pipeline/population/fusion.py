@@ -1,8 +1,9 @@
 """The one rule of what a population may fuse: which runs share a forward pass, and which gain from company.
 
 Everything that decides it lives here, and every caller asks here: the engine
-(which runs it groups), the search (which params a population's trials hold
-equal, which trials train alone) and seed replicates (always one group).
+(which runs it groups) and the search (which params a population's trials
+hold equal, which trials train alone); seed replicates, once they train as
+one, will be a single group.
 
 - `fusion_key`: runs with equal keys are computed by one `stacking.Stack`: the same
   model `signature` (layers, settings, widths), batch size and batches per

@@ -189,8 +189,9 @@ def _close_runs_of_dead_trials(search: Search) -> None:
     client = tracking.connect(search.cfg.tracking)
     for trial in search.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if "mlflow_run_id" in trial.user_attrs:
+            reason = trial.user_attrs.get("fail_reason", "its process died")
             tracking.close_if_running(client, trial.user_attrs["mlflow_run_id"],
-                                      f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'its process died')}")
+                                      f"trial {trial.number} failed: {reason}")
 
 
 def _run_worker_processes(workers: int, worker_args: list[str]) -> None:
