@@ -297,3 +297,31 @@ def test_a_trial_interrupted_between_its_ask_and_its_start_is_failed_with_the_po
     third = search.study.trials[2]
     assert third.state == TrialState.FAIL and third.user_attrs["fail_reason"].startswith("stopped before it started")
     assert TrialState.RUNNING not in [t.state for t in search.study.trials] and not search.running
+
+
+@pytest.mark.parametrize("completed, bars", [(3, False), (4, True)])
+def test_importances_are_drawn_only_from_enough_completed_trials(tmp_path, monkeypatch, capsys, completed, bars):
+    """Two searched params need at least four completed trials for fANOVA's bars; with fewer the plot says so
+    (five of twenty-four completed in the default search, whose bars ranked noise, and differently from the
+    dashboard's). Pruned trials have no final value and do not count."""
+    import optuna
+
+    from pipeline import paths
+    from pipeline.config import load_config
+    from pipeline.tuning.reports import write_reports
+
+    cfg = load_config(REPO / "params.yaml", ["tune.space={train.lr: {low: 0.0001, high: 0.1, log: true}, "
+                                             "model.dropout: {low: 0.0, high: 0.5}}"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for number in range(completed + 2):
+        trial = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 0.1, log=True),
+                           "model.dropout": optuna.distributions.FloatDistribution(0.0, 0.5)})
+        if number < completed:
+            study.tell(trial, trial.params["train.lr"] + trial.params["model.dropout"])
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    monkeypatch.chdir(tmp_path)
+    write_reports(study, {"study": "s"}, cfg)
+    assert (tmp_path / paths.TUNE_PLOTS / "param_importances.png").stat().st_size > 1000
+    said = capsys.readouterr().err
+    assert ("too few for importances (at least 4)" in said) is not bars, said

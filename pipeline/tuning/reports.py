@@ -24,6 +24,25 @@ def trial_rows(study: optuna.Study, cfg: Config) -> tuple[list[str], list[list]]
     return ["number", "state", cfg.tune.metric, "epochs", "fail_reason", *keys], rows
 
 
+# Importances are a random forest fitted on the completed trials (pruned ones have no final value): on fewer than
+# two per searched param it ranks noise, and its bars would look like an answer.
+MIN_COMPLETED_PER_PARAM = 2
+
+
+def _too_few(completed: int, needed: int):
+    """In place of importance bars: why there are none."""
+    from pipeline import reporting
+
+    figure, ax = reporting.pyplot().subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"Parameter importances need at least {needed} completed trials ({MIN_COMPLETED_PER_PARAM} per "
+                      f"searched param);\nthis study has {completed} (pruned trials have no final value).",
+            ha="center", va="center", fontsize=12)
+    print(f"[tune] param_importances: {completed} completed trials, too few for importances (at least {needed})",
+          file=sys.stderr)
+    return ax
+
+
 def write_reports(study: optuna.Study, record: dict, cfg: Config) -> None:
     """best_params.json, trials.csv, and Optuna's own plots as readable PNGs."""
     from optuna.visualization import matplotlib as optuna_plots
@@ -35,8 +54,11 @@ def write_reports(study: optuna.Study, record: dict, cfg: Config) -> None:
     plt = reporting.pyplot()
     metric = cfg.tune.metric
     log_scale = metric == "val_loss"  # good losses differ by factors, not by a constant
+    completed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    needed = MIN_COMPLETED_PER_PARAM * len(cfg.tune.space)
     plots = {"optimization_history": optuna_plots.plot_optimization_history,
-             "param_importances": optuna_plots.plot_param_importances,
+             "param_importances": optuna_plots.plot_param_importances if completed >= needed
+             else lambda *args, **kwargs: _too_few(completed, needed),
              "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
              "intermediate_values": optuna_plots.plot_intermediate_values}
     options = {"optimization_history": {"target_name": metric}, "parallel_coordinate": {"target_name": metric},
@@ -61,6 +83,8 @@ def write_reports(study: optuna.Study, record: dict, cfg: Config) -> None:
             ax.set_ylabel(f"{metric} per epoch (pruned trials stop early)")
             if ax.get_legend():
                 ax.get_legend().remove()  # one line per trial: a 24-entry legend hides the lines
+        if name == "param_importances" and completed >= needed:  # one evaluator, named: the dashboard has its own
+            ax.set_title(f"{ax.get_title()}: fANOVA (seed {cfg.seed}) over {completed} completed trials")
         if name == "parallel_coordinate":
             for label in ax.get_xticklabels():
                 label.set_rotation(20)
