@@ -181,9 +181,10 @@ def counts(study: optuna.Study) -> tuple[int, list[optuna.trial.FrozenTrial], in
         sum(t.state == TrialState.WAITING for t in trials)
 
 
-def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int) -> int:
-    """A trial's id in its storage, through Optuna's public storage API (a `Trial` holds it only privately)."""
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+def trial_id(storage: optuna.storages.BaseStorage, study_id: int, number: int) -> int:
+    """A trial's id in its storage, through Optuna's public storage API (a `Trial` holds it only privately);
+    `study_id`: `storage.get_study_id_from_name`, looked up once per process (`study.Search.study_id`)."""
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
 def fail(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
@@ -192,7 +193,8 @@ def fail(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bo
     return storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
-def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, grace: float) -> None:
+def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, study_id: int, grace: float
+                     ) -> None:
     """Fail (and retry) running trials whose process is gone: on this host by its pid, elsewhere by heartbeat."""
     optuna.storages.fail_stale_trials(study)  # RDB heartbeats; a no-op for the journal
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
@@ -205,7 +207,7 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, 
         if processes.is_dead(owner) or silent or orphan:
             reason = (f"no heartbeat for {grace}s" if silent else "its process stopped before it started"
                       if orphan else f"its process {owner} died")
-            dead = trial_id(storage, study, trial.number)
+            dead = trial_id(storage, study_id, trial.number)
             if fail(storage, dead, reason):
                 retry(study, storage.get_trial(dead))
                 print(f"[tune] trial {trial.number} FAIL     {reason}; queued for a retry", flush=True)

@@ -69,6 +69,7 @@ class Search:
     study: optuna.Study
     storage: optuna.storages.BaseStorage
     lock: StudyLock
+    study_id: int  # the study's id in `storage`, which trial ids are looked up by
     parent_run_id: str | None = None
     running: set[int] = field(default_factory=set)  # trial ids this process runs (heartbeats)
     population: int = 0  # trials trained at once: tune.population, halved each time the device runs out of memory
@@ -108,4 +109,5 @@ def open_search(cfg: Config, prepared_dir: Path) -> Search:
         study.set_user_attr("sampler_streams", stream + 1)
     study.sampler = make_sampler(cfg, sampler_seed(cfg.seed, stream))
     study.pruner = make_pruner(cfg.tune)
-    return Search(cfg, prepared.to(device), device, study, storage, lock)  # data moved once per process, not per trial
+    # data moved once per process, not per trial
+    return Search(cfg, prepared.to(device), device, study, storage, lock, storage.get_study_id_from_name(name))

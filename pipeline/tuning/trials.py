@@ -52,7 +52,7 @@ def next_trial(search: Search) -> tuple[optuna.Trial, int] | NoTrial:
     """Under the study lock: a new (or waiting) trial to run and its id in the storage, or why there is none."""
     tune = search.cfg.tune
     with search.lock:
-        fail_dead_trials(search.study, search.storage, tune.grace_period)
+        fail_dead_trials(search.study, search.storage, search.study_id, tune.grace_period)
         finished, running, _ = counts(search.study)
         if finished >= tune.n_trials:
             return NoTrial.FULL
@@ -60,7 +60,7 @@ def next_trial(search: Search) -> tuple[optuna.Trial, int] | NoTrial:
             return NoTrial.WAIT
         trial = search.study.ask()  # takes a waiting (enqueued or retried) trial first
         trial.set_user_attr(OWNER, processes.identity())
-        number = trial_id(search.storage, search.study, trial.number)
+        number = trial_id(search.storage, search.study_id, trial.number)
         # a first beat at once: a trial without any heartbeat is never judged stale, so one killed before its
         # first interval would keep the study waiting forever
         beat(search.storage, number)
