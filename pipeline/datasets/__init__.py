@@ -71,6 +71,15 @@ def fetch(cfg: DataConfig, root: Path, own: Path) -> str:
     return module(cfg.name).fetch(cfg, root, own)
 
 
+def write_manifest(cfg: DataConfig, root: Path, manifest: dict) -> str:
+    """`fetch` for a dataset with nothing to download: `root`/manifest.json says what the data is (DVC tracks it
+    as the stage's output); returns what was done."""
+    from pipeline import files
+
+    files.write_json(root / "manifest.json", manifest)
+    return f"{cfg.name}: nothing to download; manifest -> {root / 'manifest.json'}"
+
+
 def load(cfg: DataConfig, root: Path, out: BinaryIO | None = None, listing: Listing | None = None) -> RawDataset:
     """Any supported dataset decoded to uint8 tensors: the one entry point `prepare` uses.
 

@@ -6,16 +6,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline import files
 from pipeline.config import DataConfig
-from pipeline.datasets import Listing, RawDataset
+from pipeline.datasets import Listing, RawDataset, write_manifest
 
 
 def fetch(cfg: DataConfig, root: Path, own: Path) -> str:
     """A manifest of what the data is (scikit-learn's version): nothing to fetch, and no torch to import."""
-    files.write_json(root / "manifest.json", {"source": "sklearn.datasets.load_digits (bundled with scikit-learn)",
-                                              "scikit-learn": version("scikit-learn")})
-    return f"{cfg.name}: nothing to download; manifest -> {root / 'manifest.json'}"
+    return write_manifest(cfg, root, {"source": "sklearn.datasets.load_digits (bundled with scikit-learn)",
+                                      "scikit-learn": version("scikit-learn")})
 
 
 def load(cfg: DataConfig, root: Path, out: BinaryIO | None = None, listing: Listing | None = None) -> RawDataset:

@@ -23,7 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from pipeline import files, processes
 from pipeline.config import DataConfig
-from pipeline.datasets import Listing, RawDataset
+from pipeline.datasets import Listing, RawDataset, write_manifest
 from pipeline.datasets.downloads import one_line
 from pipeline.errors import UserError
 
@@ -32,8 +32,7 @@ IMAGE_MODES = {1: "L", 3: "RGB"}
 
 def fetch(cfg: DataConfig, root: Path, own: Path) -> str:
     """DVC sees a folder outside the repo only through this manifest: re-run `download` after changing it."""
-    files.write_json(root / "manifest.json", folder_manifest(Path(cfg.path), cfg.follow_symlinks))
-    return f"{cfg.name}: nothing to download; manifest -> {root / 'manifest.json'}"
+    return write_manifest(cfg, root, folder_manifest(Path(cfg.path), cfg.follow_symlinks))
 
 
 def load(cfg: DataConfig, root: Path, out: BinaryIO | None = None, listing: Listing | None = None) -> RawDataset:
