@@ -620,6 +620,46 @@ def compare_population(args, digits_data: data.PreparedData, mnist: data.Prepare
     return rows
 
 
+def compare_replicates(args, prepared: data.PreparedData, device: torch.device) -> list[Row]:
+    """A model's seed replicates (the default 3) trained as one population, as `train` does, vs one after another
+    through `loop.fit`: wall time for the same epochs, each side's models built before its clock starts."""
+    gpu = device.type == "cuda"
+    epochs, replicates = (2 if args.quick else 10), DEFAULTS.replicates
+    # a GPU computes the fused group in about the time of one member: 3 replicates in at most 1.3x one's time
+    target = replicates / 1.3 if gpu else 1.3
+    rows = []
+    for model in ("cnn", "mlp"):
+        cfg = load_config(REPO / "params.yaml", [f"model.name={model}", f"train.device={device.type}",
+                                                 f"train.epochs={epochs}", "tracking.enabled=false"])
+        members = training.replicate_configs(cfg)
+
+        def built() -> list[loop.Run]:
+            runs = []
+            for each in members:
+                model_, train_batches, val_batches = training.setup(each, prepared, device)
+                runs.append(loop.Run(model_, each.train, train_batches, val_batches))
+            return runs
+
+        def together() -> float:
+            runs = built()
+            return timed(lambda: (population.fit_together(runs, device), synchronize(device)))
+
+        def one_after_another() -> float:
+            runs = built()
+            return timed(lambda: ([loop.fit_run(run, device) for run in runs], synchronize(device)))
+
+        a, b = interleaved(together, one_after_another, args.repeats)
+        rows.append(Row(f"replicates, digits {model}", f"{replicates} seeds as one population",
+                        "one after another", "s/model", a, b, target=target,
+                        note=f"{epochs} epochs each, the default params; what `train` does per model"))
+    return rows
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def compare_pipeline(args) -> list[Row]:
     """`dvc repro` from scratch in a throwaway copy of this repo, each stage timed, and the no-op `dvc repro`."""
     work = Path(tempfile.mkdtemp(prefix="bench-repro-"))
@@ -784,10 +824,12 @@ def main() -> int:
                 ("intervals", lambda: compare_intervals(args)),
                 ("search", lambda: compare_pruning(args, digits(), device)),
                 ("population", lambda: compare_population(args, digits(), mnist, device)),
+                ("replicates", lambda: compare_replicates(args, digits(), device)),
                 ("pipeline", lambda: compare_pipeline(args))]
     if torch.cuda.is_available():  # the GPU set, on top of the CPU comparisons
         sections.append(("gpu", lambda: compare_gpu(args, torch.device("cuda"))))
         sections.append(("gpu-population", lambda: compare_population(args, digits(), mnist, torch.device("cuda"))))
+        sections.append(("gpu-replicates", lambda: compare_replicates(args, digits(), torch.device("cuda"))))
     section_of: dict[str, str] = {}
     for name, section in sections:
         if wanted is None or name in wanted:

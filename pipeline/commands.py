@@ -60,14 +60,19 @@ def reproduce(cfg: Config, run_id: str) -> None:
                         f"trained on (md5 {tags.get('data.md5')}, {original.data.name}): run `git checkout {commit} "
                         f"&& dvc checkout {paths.PREPARED_DIR}` (or `dvc repro prepare` there) first")
 
-    retrain = original.with_overrides({"tracking.enabled": False, "train.resume": False})
+    # a seed replicate trained in its model's population: retrain that population (from its first seed), and
+    # compare this replicate
+    index = int(tags.get("replicate.index", 0))
+    retrain = original.with_overrides({"seed": original.seed - index, "tracking.enabled": False,
+                                       "train.resume": False})
     role = tags.get("pipeline.role", original.model.name)
     with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:  # never touches models/ or reports/
         run_paths = RunPaths.of(role, Path(scratch))
         stages.train(retrain, role, run_paths)
         device = devices.resolve_device(retrain.train.device)
-        y_true, y_pred, _ = stages.predict_test_set(run_paths.model, prepared, device)
-    new = {f"test_{k}": v for k, v in evaluation.classification_metrics(y_true, y_pred).items()}
+        model_file = run_paths.replicate_model(original.seed) if "replicate.index" in tags else run_paths.model
+        y_true, probabilities, _ = stages.predict_test_set(model_file, prepared, device)
+    new = {f"test_{k}": v for k, v in evaluation.classification_metrics(y_true, probabilities.argmax(1)).items()}
     old = {key: logged_metrics.get(key) for key in new}
     print(f"\n{'metric':<26}{'run ' + run_id[:8]:>14}{'reproduced':>14}")
     for key in new:

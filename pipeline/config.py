@@ -23,6 +23,7 @@ from pipeline.metrics import DIRECTIONS, Monitor
 
 MAX_PARAMS_BYTES = 1 << 20
 MAX_EPOCHS = 100_000  # every count has a bound, checked before anything runs: 10**23 epochs is a typo
+MAX_REPLICATES = 64  # each one's model is held in memory while they train together
 Width = Annotated[int, Field(ge=1, le=65_536)]  # a layer's width
 DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]  # datasets.KINDS (one list: a test)
 ModelName = Literal["logreg", "mlp", "cnn", "digit_recognizer", "resnet18", "mobilenet_v3_small"]
@@ -262,6 +263,10 @@ class Config(Section):
     seed: int = Field(42, ge=0, lt=2**32, description="seeds initialisation, data order, augmentation, dropout, "
                                                       "the search's sampler and the intervals' bootstrap (the split "
                                                       "has data.split_seed)")
+    replicates: int = Field(3, ge=1, le=MAX_REPLICATES,
+                            description="seeds (seed, seed+1, ...) every comparison model and the final one train "
+                                        "with, together as one population; the best on validation ships, and the "
+                                        "reports give each test metric's mean and std over them. 1: one run each")
     data: DataConfig = DataConfig()
     # Not called `models`: DVC confuses a param of that name with the models/ output folder.
     comparison: list[ModelName] = Field(["logreg", "mlp", "cnn"], min_length=1,
@@ -298,7 +303,7 @@ class Config(Section):
         base["tune"]["space"] = {}
         known = flatten(base)
         for key, dimension in self.tune.space.items():
-            if key not in known or key.startswith(("tune.", "tracking.")) or key == "seed":
+            if key not in known or key.startswith(("tune.", "tracking.")) or key in ("seed", "replicates"):
                 raise ValueError(f"tune.space: {key!r} is not a searchable param")
             if key in {f"train.{name}" for name in _SET_BY_SEARCH}:
                 raise ValueError(f"tune.space: {key!r} is set by the search for every trial (tune.epochs, "
@@ -538,7 +543,7 @@ def _section_keys(section: str, model: type[BaseModel], skip: set[str] = frozens
 
 def training_keys() -> list[str]:
     """Params that shape one training run's result (with the prepared data and the code)."""
-    return ["seed", "data.augment", *_section_keys("model", ModelConfig),
+    return ["seed", "replicates", "data.augment", *_section_keys("model", ModelConfig),
             *_section_keys("train", TrainConfig, _RUNTIME_TRAIN)]
 
 

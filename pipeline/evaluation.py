@@ -81,6 +81,27 @@ def confusion_metrics(matrices: np.ndarray, present: np.ndarray) -> dict[str, np
     return out
 
 
+def spread(per_seed: list[dict[str, float]], seeds: list[int], shipped_seed: int) -> dict:
+    """Each metric's mean and sample standard deviation over a model's seed replicates (0 for one), and each
+    replicate's value: what the training seed alone moves it by, on the same test images."""
+    out: dict = {"replicates": len(seeds), "seeds": seeds, "shipped_seed": shipped_seed}
+    for key in METRIC_KEYS:
+        values = np.array([each[key] for each in per_seed])
+        out |= {f"{key}_mean": float(values.mean()),
+                f"{key}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    return out | {"per_seed": {key: [each[key] for each in per_seed] for key in METRIC_KEYS}}
+
+
+def spread_metrics(spread: dict) -> dict[str, float]:
+    """The means and standard deviations of `spread`, as flat metrics (<metric>_mean, <metric>_std)."""
+    return {f"{key}_{stat}": spread[f"{key}_{stat}"] for key in METRIC_KEYS for stat in ("mean", "std")}
+
+
+def shown_spread(spread: dict, key: str) -> str:
+    """A metric's mean ± std over seeds, as tables show it: 0.9870 ± 0.0032."""
+    return f"{spread[f'{key}_mean']:.4f} ± {spread[f'{key}_std']:.4f}"
+
+
 def shown(metrics: dict[str, float], key: str) -> str:
     """A metric with its interval, as tables show it: 0.9889 [0.978, 0.997]."""
     low, high = (metrics[f"{key}_{bound}"] for bound in BOUNDS)

@@ -82,6 +82,38 @@ def save_torch(obj: Any, path: Path) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def write_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """Arrays as a compressed .npz (numpy.load reads it without pickle), the same bytes for the same arrays:
+    numpy's savez stamps each member with the time of writing, which would make every re-run a change to DVC."""
+    import zipfile
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue(),
+                             compress_type=zipfile.ZIP_DEFLATED)
+    write_bytes(path, buffer.getvalue())
+
+
+def read_npz(path: Path, remedy: str = "") -> dict:
+    """An .npz written by `write_npz`, every array loaded (never unpickled); unreadable -> one line."""
+    import zipfile
+
+    import numpy as np
+
+    blob = read_bytes(path, remedy)
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise UserError(f"{path} is corrupt ({err}); " + (remedy or "delete it and re-run the stage that wrote it")
+                        ) from None
+
+
 def file_digest(path: Path, algorithm: str = "md5") -> str:
     """Hex digest of a file of any size, read in chunks."""
     import hashlib

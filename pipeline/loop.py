@@ -1,4 +1,4 @@
-"""The one training loop: every run, trial and DDP rank (and, next, every seed replicate) trains through it.
+"""The one training loop: every run, trial, seed replicate and DDP rank trains through it.
 
 `fit` trains one model, in the shape of torchvision's reference script: per
 epoch `train_one_epoch`, then `evaluate` on the validation batches, then the
@@ -76,8 +76,10 @@ class Checkpoints:
     `meta` travels with the state (e.g. the tracking run to continue).
     """
 
-    def __init__(self, directory: Path, key: str, meta: dict | None = None, writer: bool = True):
+    def __init__(self, directory: Path, key: str, meta: dict | None = None, writer: bool = True,
+                 family: str | None = None):
         self.directory, self.key, self.meta = Path(directory), key, dict(meta or {})
+        self.family = family or key  # the keys of runs trained with this one (seed replicates: <family>-r<i>)
         self.writer = writer  # of several ranks, one writes (and speaks); all read
         self._loaded: dict | None = None
 
@@ -91,7 +93,9 @@ class Checkpoints:
             self._loaded = self._read(self.path)
             self.meta = {**self._loaded.get("meta", {}), **self.meta}
         elif self._loaded is None:
-            others = sorted(self.directory.glob("*.pt")) if self.directory.is_dir() else []
+            others = sorted(path for path in self.directory.glob("*.pt")
+                            if path.stem != self.family and not path.stem.startswith(f"{self.family}-r")) \
+                if self.directory.is_dir() else []
             if others and self.writer:
                 print(f"starting fresh: {len(others)} resume point(s) in {self.directory} belong to another "
                       "config, data or code version (kept for their own runs)", file=sys.stderr)
@@ -281,7 +285,12 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
     train batches also expose `state_dict()`/`load_state_dict()` for their RNG.
     An exception from a callback (or a diverged loss) ends training and is raised.
     """
-    run = Run(model, cfg, train_batches, val_batches, callbacks, checkpoints)
+    return fit_run(Run(model, cfg, train_batches, val_batches, callbacks, checkpoints), device, world)
+
+
+def fit_run(run: Run, device: torch.device, world: distributed.World = distributed.World()) -> FitResult:
+    """`fit` for a run already put together (e.g. one of a config's seed replicates)."""
+    model, cfg = run.model, run.cfg
     run.start(device, world)
     trained = distributed.wrap(model, device, world)  # DistributedDataParallel when there are several ranks
     forward = torch.compile(trained) if cfg.compile else trained

@@ -47,6 +47,10 @@ def eval_dir(run_name: str) -> Path:
     return REPORTS_DIR / "eval" / run_name
 
 
+PREDICTIONS = "predictions.npz"  # in eval_dir: every replicate's test-set probabilities (`compare` reads them)
+REPLICATES_JSON = "replicates.json"  # in eval_dir: each replicate's test metrics, their mean and std
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Where one training run's outputs go (`reproduce` points these at a scratch folder)."""
@@ -63,6 +67,14 @@ class RunPaths:
     @property
     def model(self) -> Path:
         return self.model_dir / "model.pt"
+
+    def replicate_model(self, seed: int) -> Path:
+        """One seed replicate's model (`model` is a copy of the one that ships)."""
+        return self.model_dir / "replicates" / f"seed-{seed}.pt"
+
+    def replicate_models(self) -> list[Path]:
+        """The replicates' model files, by seed (none: the run had one seed)."""
+        return sorted((self.model_dir / "replicates").glob("seed-*.pt"), key=lambda path: int(path.stem[5:]))
 
     @property
     def history(self) -> Path:

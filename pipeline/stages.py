@@ -30,7 +30,8 @@ PARAMS: dict[str, list[str]] = {
     # which runs are evaluated, how their reports are titled, where and with how many threads they compute, and
     # the seed of the intervals' bootstrap
     "evaluate": ["seed", "comparison", "data.name", "train.device", "train.threads"],
-    "report": ["comparison", "data.name"],
+    # the seed of the paired comparisons' bootstrap
+    "report": ["seed", "comparison", "data.name"],
 }
 
 
@@ -94,12 +95,17 @@ def prepare(cfg: Config) -> None:
 
 
 def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str | None:
-    """Train `cfg.model.name` with the shared loop; write the model, its history and metrics.
+    """Train `cfg.model.name` with the shared loop, once per seed replicate; write the models, the shipped one's
+    history and the metrics.
 
-    An interrupted run resumes from its own resume point (same config, data and
-    code) and continues its own MLflow run; a finished run is never resumed.
-    Started by torchrun (`train --nproc N`), every rank trains and rank 0 alone
-    writes, logs and tracks. Returns the MLflow run id (None with tracking off).
+    The `replicates` (seeds seed, seed+1, ...) train together as one population
+    (`pipeline.population`); the best on validation ships as the model. Each is
+    its own MLflow run, nested under the model's run. An interrupted run resumes
+    from its own resume points (same config, data and code) and continues its
+    own MLflow runs; a finished run is never resumed. Started by torchrun
+    (`train --nproc N`), every rank trains (the replicates one after another)
+    and rank 0 alone writes, logs and tracks. Returns the model's MLflow run id
+    (None with tracking off).
     """
     from pipeline import data, devices, distributed, loop, training
 
@@ -108,79 +114,152 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
     world, device = distributed.init(devices.resolve_device(cfg.train.device))
     threads = devices.set_threads(cfg.train.threads, world.size)  # ranks on one machine share its cores
     try:
-        model, train_batches, val_batches = training.setup(cfg, prepared, device, world)
-        checkpoints = loop.Checkpoints(run_paths.checkpoints, training.resume_key(cfg, prepared.md5),
-                                       writer=world.is_main)
-        resumed = checkpoints.load() if cfg.train.resume else None
+        several, family = cfg.replicates > 1, training.resume_key(cfg, prepared.md5)
+        runs = []
+        for member, key in zip(training.replicate_configs(cfg), training.resume_keys(cfg, prepared.md5)):
+            model, train_batches, val_batches = training.setup(member, prepared, device, world)
+            checkpoints = loop.Checkpoints(run_paths.checkpoints, key, writer=world.is_main, family=family)
+            runs.append(loop.Run(model, member.train, train_batches, val_batches, checkpoints=checkpoints,
+                                 key=member))
         if not world.is_main:  # the other ranks train their slices, and that is all
-            loop.fit(model, train_batches, val_batches, cfg.train, device, (), checkpoints, world)
+            for run in runs:
+                loop.fit_run(run, device, world)
             return None
         from pipeline import models
 
         ranks = f" x {world.size} processes" if world.distributed else ""
         on = f"{device} ({threads} thread{'s' * (threads > 1)})" if device.type == "cpu" else str(device)
-        print(f"[{run_name}] {cfg.model.name}: {models.count_parameters(model):,} parameters on {on}{ranks}, "
-              f"{len(prepared.train)} train / {len(prepared.val)} val images", flush=True)
+        seeds = f", seeds {cfg.seed}-{cfg.seed + cfg.replicates - 1}" if several else ""
+        print(f"[{run_name}] {cfg.model.name}: {models.count_parameters(runs[0].model):,} parameters on {on}{ranks}, "
+              f"{len(prepared.train)} train / {len(prepared.val)} val images{seeds}", flush=True)
         name = cfg.model.name if run_name == cfg.model.name else f"{cfg.model.name}-{run_name}"
-        continued = checkpoints.meta.get("mlflow_run_id") if resumed else None
-        with training.tracked_run(cfg, f"{name}-{cfg.fingerprint()}", run_name, prepared.md5,
-                                  continue_run_id=continued) as run:
-            if run:
-                checkpoints.meta["mlflow_run_id"] = run.run_id
-            callbacks = [loop.ConsoleLog(run_name, cfg.train.epochs)] + ([run.metrics] if run else [])
-            result = loop.fit(model, train_batches, val_batches, cfg.train, device, callbacks, checkpoints, world)
-            summary = _write_training_outputs(cfg, run_name, run_paths, result, model, prepared)
-            if run:
-                _log_training(cfg, run, run_name, run_paths, summary, result, prepared, world,
-                              getattr(model, "weights_sha256", None))
-        checkpoints.clear()  # the outputs exist: this run is finished and must not be resumed
+        with contextlib.ExitStack() as tracked:
+            parent, own_runs = _track_replicates(cfg, run_name, name, runs, prepared.md5, tracked)
+            if several and not world.distributed:
+                from pipeline import population
+
+                population.fit_together(runs, device)
+                if failed := next((run.error for run in runs if run.error is not None), None):
+                    raise failed
+            else:
+                for run in runs:
+                    loop.fit_run(run, device, world)
+            results = [run.result for run in runs]
+            ships = training.shipped(cfg, results)
+            summary = _write_training_outputs(cfg, run_name, run_paths, runs, ships, prepared)
+            if parent:
+                _log_training(cfg, parent, own_runs, run_name, run_paths, summary, runs, ships, prepared, world)
+        for run in runs:
+            run.checkpoints.clear()  # the outputs exist: this run is finished and must not be resumed
     finally:
         distributed.shutdown(world)
-    best = result.best
-    print(f"[{run_name}] best epoch {result.best_epoch}: val_accuracy {best.val_accuracy:.4f} "
-          f"val_loss {best.val_loss:.4f} -> {run_paths.model}")
-    return run.run_id if run else None
+    best = results[ships].best
+    which = f" (seed {cfg.seed + ships}, the best of {cfg.replicates} on {cfg.train.monitor})" if several else ""
+    print(f"[{run_name}] best epoch {results[ships].best_epoch}: val_accuracy {best.val_accuracy:.4f} "
+          f"val_loss {best.val_loss:.4f} -> {run_paths.model}{which}")
+    return parent.run_id if parent else None
 
 
-def _write_training_outputs(cfg, run_name, run_paths, result, model, prepared) -> dict:
-    """The model file, history.csv, metrics.json and curves.png of a finished run; returns the summary."""
+def _track_replicates(cfg, run_name, name, runs, data_md5, tracked: contextlib.ExitStack):
+    """The model's MLflow run (None with tracking off) and each replicate's: with several, one nested run each,
+    else the model's own. A resumed run continues its own. Gives each run its callbacks (a console line per
+    epoch, its MLflow curves)."""
+    from pipeline import loop, training
+
+    several = len(runs) > 1
+    resumed = [run.checkpoints.load() if cfg.train.resume else None for run in runs]
+    continued = next((run.checkpoints.meta.get("mlflow_parent_run_id") for run, state in zip(runs, resumed)
+                      if state), None)
+    parent = tracked.enter_context(training.tracked_run(
+        cfg, f"{name}-{cfg.fingerprint()}", run_name, data_md5, tags={"pipeline.level": "model"},
+        continue_run_id=continued if several else (resumed[0] and runs[0].checkpoints.meta.get("mlflow_run_id"))))
+    own_runs = []
+    for index, (run, state) in enumerate(zip(runs, resumed)):
+        member = run.key
+        own = parent
+        if parent and several:
+            own = tracked.enter_context(training.tracked_run(
+                member, f"{name}-seed{member.seed}-{cfg.fingerprint()}", run_name, data_md5,
+                continue_run_id=state and run.checkpoints.meta.get("mlflow_run_id"), parent_run_id=parent.run_id,
+                tags={"pipeline.level": "replicate", "replicate.index": str(index),
+                      "replicate.seed": str(member.seed)}))
+        if own:
+            run.checkpoints.meta |= {"mlflow_run_id": own.run_id, "mlflow_parent_run_id": parent.run_id}
+        label = f"{run_name} seed {member.seed}" if several else run_name
+        run.callbacks = [loop.ConsoleLog(label, cfg.train.epochs)] + ([own.metrics] if own else [])
+        own_runs.append(own)
+    return parent, own_runs
+
+
+def _write_training_outputs(cfg, run_name, run_paths, runs, ships, prepared) -> dict:
+    """Every replicate's model file, the shipped one's copy as the model, its history.csv, metrics.json (with
+    the replicates' spread) and curves.png (every replicate's); returns the summary."""
     from pipeline import files, metrics, models, reporting, training
 
     mean, std = models.input_stats(cfg.model, prepared.mean, prepared.std)
-    models.save_model(run_paths.model, result.best_state, cfg, prepared.classes, prepared.input_shape,
-                      mean, std, run_name=run_name, best_epoch=result.best_epoch,
-                      data_md5=prepared.md5)
-    summary = training.summary(cfg, result, model)
-    files.write_csv(run_paths.history, metrics.HISTORY_COLUMNS, map(metrics.history_row, result.history))
+    several = len(runs) > 1
+    for index, run in enumerate(runs):
+        member = run.key
+        info = {"replicate": {"seed": member.seed, "index": index, "of": len(runs), "ships": index == ships,
+                              "chosen_on": cfg.train.monitor}} if several else {}
+        models.save_model(run_paths.replicate_model(member.seed) if several else run_paths.model,
+                          run.result.best_state, member, prepared.classes, prepared.input_shape, mean, std,
+                          run_name=run_name, best_epoch=run.result.best_epoch, data_md5=prepared.md5, **info)
+    if several:
+        files.copy_file(run_paths.replicate_model(cfg.seed + ships), run_paths.model)
+    summary = training.summary(cfg, [run.result for run in runs], ships, runs[ships].model)
+    files.write_csv(run_paths.history, metrics.HISTORY_COLUMNS, map(metrics.history_row, runs[ships].result.history))
     files.write_json(run_paths.metrics, summary)
-    reporting.plot_curves({run_name: result.history}, run_paths.curves)
+    reporting.plot_curves({f"seed {run.key.seed}" if several else run_name: run.result.history for run in runs},
+                          run_paths.curves)
     return summary
 
 
-def _log_training(cfg, run, run_name, run_paths, summary, result, prepared, world, weights_sha256) -> None:
-    """What MLflow gets beyond the per-epoch curves: the best epoch's values, facts as tags, files, the model."""
+def _log_training(cfg, parent, own_runs, run_name, run_paths, summary, runs, ships, prepared, world) -> None:
+    """What MLflow gets beyond the per-epoch curves: the best epoch's values (and with several replicates their
+    spread on the model's run and each replicate's own on its run), facts as tags, files, the shipped model."""
     import torch
 
-    from pipeline import models
+    from pipeline import files, models
 
-    best = result.best
-    run.log_metrics({"best_val_loss": best.val_loss, "best_val_accuracy": best.val_accuracy})
-    run.set_tags({"best_epoch": result.best_epoch, "epochs_run": summary["epochs_run"],
-                  "stopped_early": result.stopped_early, "model.parameters": summary["parameters"],
-                  "train_seconds": f"{result.seconds:.1f}", "tracking_seconds": f"{run.metrics.seconds_spent:.2f}",
-                  "distributed.world_size": world.size, "torch.threads": torch.get_num_threads(),
-                  # which pretrained file training started from (model.weights names it; this is its content)
-                  **({"model.weights_sha256": weights_sha256} if weights_sha256 else {})})
-    run.log_config()
-    run.log_artifacts(run_paths.history, run_paths.curves, run_paths.metrics)
+    shipped = runs[ships]
+    best = shipped.result.best
+    several = len(runs) > 1
+    common = {"distributed.world_size": world.size, "torch.threads": torch.get_num_threads()}
+    for index, (run, own) in enumerate(zip(runs, own_runs) if several else []):
+        result = run.result
+        own.log_metrics({"best_val_loss": result.best.val_loss, "best_val_accuracy": result.best.val_accuracy})
+        own.set_tags({"best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                      "stopped_early": result.stopped_early, "replicate.ships": index == ships,
+                      "train_seconds": f"{result.seconds:.1f}", "tracking_seconds": f"{own.metrics.seconds_spent:.2f}",
+                      **common, "model.md5": files.file_digest(run_paths.replicate_model(run.key.seed))})
+        own.log_config()
+    spread = {f"best_{key}": summary[key] for key in ("val_loss_mean", "val_loss_std", "val_accuracy_mean",
+                                                      "val_accuracy_std")} if several else {}
+    if several:  # the model's run shows the curves of the replicate it ships
+        for metrics in shipped.result.history:
+            parent.metrics.on_epoch_end(metrics)
+        parent.metrics.flush()
+    parent.log_metrics({"best_val_loss": best.val_loss, "best_val_accuracy": best.val_accuracy, **spread})
+    weights_sha256 = getattr(shipped.model, "weights_sha256", None)
+    parent.set_tags({"best_epoch": shipped.result.best_epoch, "epochs_run": summary["epochs_run"],
+                     "stopped_early": shipped.result.stopped_early, "model.parameters": summary["parameters"],
+                     "replicates": len(runs), "replicate.seeds": ",".join(str(run.key.seed) for run in runs),
+                     "replicate.shipped_seed": shipped.key.seed,
+                     "train_seconds": f"{max(run.result.seconds for run in runs):.1f}",
+                     **({} if several else {"tracking_seconds": f"{parent.metrics.seconds_spent:.2f}"}), **common,
+                     # which pretrained file training started from (model.weights names it; this is its content)
+                     **({"model.weights_sha256": weights_sha256} if weights_sha256 else {})})
+    parent.log_config()
+    parent.log_artifacts(run_paths.history, run_paths.curves, run_paths.metrics)
     if cfg.tracking.log_models:
         classifier = models.load_classifier(run_paths.model)
         example = prepared.val.images[:2].float().div(255).numpy()
         with torch.inference_mode():
             probabilities = classifier(torch.from_numpy(example)).numpy()
         registered = f"{cfg.data.name}-{cfg.model.name}" if run_name == FINAL else None
-        run.log_model(run_paths.model, example, probabilities, registered,
-                      selection={"val_loss": best.val_loss, "val_accuracy": best.val_accuracy})
+        parent.log_model(run_paths.model, example, probabilities, registered,
+                         selection={"val_loss": best.val_loss, "val_accuracy": best.val_accuracy})
 
 
 def tune(cfg: Config, worker_args: list[str], worker: bool = False) -> None:
@@ -208,21 +287,39 @@ def tuned(cfg: Config, best_params: Path) -> Config:
 
 
 def evaluate(cfg: Config) -> None:
-    """Test-set predictions of every trained model -> scikit-learn metrics and reports."""
+    """Test-set predictions of every trained model (and each of its seed replicates) -> scikit-learn metrics with
+    intervals, the replicates' mean and std, and the predictions `report` and `compare` pair up."""
+    import numpy as np
+
     from pipeline import data, devices, evaluation, files, reporting
+    from pipeline.comparison import Predictions
 
     prepared = data.load_prepared(paths.PREPARED_DIR)
     device = devices.resolve_device(cfg.train.device)
     devices.set_threads(cfg.train.threads)
     for run_name in evaluated_runs(cfg):
-        model_file = RunPaths.of(run_name).model
-        y_true, y_pred, model_name = predict_test_set(model_file, prepared, device, cfg.data.loader_workers)
+        run_paths = RunPaths.of(run_name)
+        model_files, shipped = _replicate_files(run_paths)
+        tested = [predict_test_set(path, prepared, device, cfg.data.loader_workers) for path in model_files]
+        y_true, probabilities, saved = tested[shipped]
+        model_name = saved["config"]["model"]["name"]
+        predictions = Predictions(run_name, y_true, np.stack([probs for _, probs, _ in tested]),
+                                  np.array([each["config"]["seed"] for _, _, each in tested]), shipped, prepared.md5,
+                                  tuple(prepared.classes))
+        per_seed = []
+        for predicted in predictions.predicted:
+            matrix = evaluation.confusion(y_true, predicted, prepared.num_classes)
+            per_seed.append(evaluation.with_intervals(evaluation.classification_metrics(y_true, predicted), matrix,
+                                                      cfg.seed))
+        metrics, y_pred = per_seed[shipped], predictions.predicted[shipped]
+        spread = evaluation.spread(per_seed, predictions.seeds.tolist(), int(predictions.seeds[shipped]))
         text, as_dict = evaluation.report(y_true, y_pred, prepared.classes)
         matrix = evaluation.confusion(y_true, y_pred, prepared.num_classes)
-        metrics = evaluation.with_intervals(evaluation.classification_metrics(y_true, y_pred), matrix, cfg.seed)
 
         out = paths.eval_dir(run_name)
         files.write_json(out / "metrics.json", metrics)
+        files.write_json(out / paths.REPLICATES_JSON, spread)
+        predictions.save(out / paths.PREDICTIONS)
         files.write_text(out / "classification_report.txt", text)
         files.write_json(out / "classification_report.json", as_dict)
         files.write_csv(out / "confusion_matrix.csv", ["actual\\predicted", *prepared.classes],
@@ -235,15 +332,45 @@ def evaluate(cfg: Config) -> None:
         if cfg.tracking.enabled:
             from pipeline import tracking
 
-            tracking.log_test_results(cfg, run_name, model_file, metrics, [
-                out / name for name in ("confusion_matrix.png", "confusion_matrix.csv", "classification_report.txt",
-                                        "classification_report.json")])
+            tracking.log_test_results(cfg, run_name, run_paths.model, {**metrics, **evaluation.spread_metrics(spread)},
+                                      [out / name for name in ("confusion_matrix.png", "confusion_matrix.csv",
+                                                               "classification_report.txt",
+                                                               "classification_report.json", paths.PREDICTIONS)])
+            for path, each in zip(model_files if len(model_files) > 1 else [], per_seed):
+                tracking.log_test_results(cfg, run_name, path, each, [], level="replicate")
+        over = f"; over {len(per_seed)} seeds {evaluation.shown_spread(spread, 'accuracy')}" if len(per_seed) > 1 else ""
         print(f"[{run_name}] test accuracy {evaluation.shown(metrics, 'accuracy')} "
-              f"f1_macro {evaluation.shown(metrics, 'f1_macro')} on {metrics['images']} images")
+              f"f1_macro {evaluation.shown(metrics, 'f1_macro')} on {metrics['images']} images{over}")
+
+
+def _replicate_files(run_paths: RunPaths) -> tuple[list[Path], int]:
+    """The model files of a run's seed replicates and which of them ships: the model file itself where it says
+    it is one of several (a replicate's file that is not what the model file says it is, is refused)."""
+    from pipeline import files, models
+
+    _, saved = models.load_model(run_paths.model)
+    replicate = saved.get("replicate")
+    if not replicate:
+        return [run_paths.model], 0
+    found = run_paths.replicate_models()
+    try:
+        seeds = [saved["config"]["seed"] - replicate["index"] + i for i in range(replicate["of"])]
+        expected = [run_paths.replicate_model(seed) for seed in seeds]
+        whole = found == expected and \
+            files.file_digest(expected[replicate["index"]]) == files.file_digest(run_paths.model)
+    except (KeyError, TypeError, IndexError):
+        raise UserError(f"{run_paths.model} holds no readable replicate record: train it again (`dvc repro -f "
+                        f"{_stage_of(run_paths.history)}`)") from None
+    if not whole:
+        raise UserError(f"{run_paths.model_dir} does not hold the {replicate['of']} seed replicates its model.pt "
+                        f"says it is one of (seeds {seeds[0]}-{seeds[-1]}): train it again (`dvc repro -f "
+                        f"{_stage_of(run_paths.history)}`)")
+    return [run_paths.model if i == replicate["index"] else path for i, path in enumerate(expected)], \
+        replicate["index"]
 
 
 def predict_test_set(model_file: Path, prepared, device, workers: int = 0):
-    """(true labels, predicted labels, the model's name) on the test split, labels as numpy arrays."""
+    """(true labels, class probabilities, the model file's payload) on the test split, as numpy arrays."""
     from pipeline import data, loop, models
 
     model, saved = models.load_model(model_file)
@@ -252,7 +379,7 @@ def predict_test_set(model_file: Path, prepared, device, workers: int = 0):
                         f"{tuple(saved['input_shape'])}) than {paths.PREPARED_DIR}: run `dvc repro` to retrain it")
     batches = data.eval_batches(prepared.test, saved["mean"], saved["std"], device, workers=workers)
     labels, probs = loop.predict(model, batches, device)
-    return labels.numpy(), probs.argmax(dim=1).numpy(), saved["config"]["model"]["name"]
+    return labels.numpy(), probs.numpy(), saved
 
 
 def _read_history(path: Path) -> list:
@@ -277,29 +404,47 @@ def _stage_of(history: Path) -> str:
 
 
 def report(cfg: Config) -> None:
-    """reports/metrics.json for the final model, compare.md across models, DVC plots and PNGs."""
-    from pipeline import files, reporting
-    from pipeline.evaluation import KEYS, LEVEL, METRIC_KEYS, RESAMPLES, shown
+    """reports/metrics.json for the final model, compare.md across models (each with its interval and its spread
+    over seeds, then every pair compared on the same test images), DVC plots and PNGs."""
+    from pipeline import comparison, files, reporting
+    from pipeline.comparison import Predictions
+    from pipeline.evaluation import KEYS, LEVEL, METRIC_KEYS, RESAMPLES, shown, shown_spread, spread_metrics
 
     runs = evaluated_runs(cfg)
     remedy = "run the train and evaluate stages first (`dvc repro`)"
     test = {run: files.read_json(paths.eval_dir(run) / "metrics.json", remedy) for run in runs}
+    seeds = {run: files.read_json(paths.eval_dir(run) / paths.REPLICATES_JSON, remedy) for run in runs}
     fit = {run: files.read_json(RunPaths.of(run).metrics, remedy) for run in runs}
     # every input read and checked before anything is written: a bad one leaves every output as it was
     histories = {run: _read_history(RunPaths.of(run).history) for run in runs}
     try:
-        rows = [[run_label(run, fit[run]["model"]), *(shown(test[run], key) for key in METRIC_KEYS),
+        labels = {run: run_label(run, fit[run]["model"]) for run in runs}
+        predictions = [Predictions.load(paths.eval_dir(run) / paths.PREDICTIONS, labels[run], remedy) for run in runs]
+        rows = [[labels[run], *(shown(test[run], key) for key in METRIC_KEYS), seeds[run]["replicates"],
+                 *(shown_spread(seeds[run], key) for key in comparison.COMPARED),
                  f"{fit[run]['parameters']:,}", fit[run]["best_epoch"]] for run in runs]
-        final = {key: test[FINAL][key] for key in KEYS}
+        final = {key: test[FINAL][key] for key in KEYS} | spread_metrics(seeds[FINAL]) \
+            | {"replicates": seeds[FINAL]["replicates"]}
     except (KeyError, TypeError) as err:
         raise UserError(f"reports/eval or reports/train hold files of another version (no {err}); "
                         "run `dvc repro -f evaluate` and the train stages again") from None
-    header = ["model", *(key.replace("_", " ") for key in METRIC_KEYS), "parameters", "best epoch"]
-    how = (f"Each value's {LEVEL:.0%} interval [low, high]: a seeded bootstrap over the {final['images']} test "
-           f"images ({RESAMPLES:,} resamples), how far another test set of this size could move it. Differences "
-           "within it are not evidence that one model is better.")
+    pairs = comparison.compare(predictions, cfg.seed)
+    header = ["model", *(key.replace("_", " ") for key in METRIC_KEYS), "seeds",
+              *(f"{key.replace('_', ' ')} over seeds" for key in comparison.COMPARED), "parameters", "best epoch"]
+    how = (f"Each value is the shipped model's (the best of its seeds on validation), with its {LEVEL:.0%} "
+           f"interval [low, high]: a seeded bootstrap over the {final['images']} test images ({RESAMPLES:,} "
+           "resamples), how far another test set of this size could move it. The columns over seeds give the mean "
+           "± standard deviation of every seed replicate: how far the training seed alone moves it.")
+    paired = (f"Each pair on the same test images. Δ: the difference of the means over seeds, with a paired "
+              f"bootstrap interval that resamples the images (the same for both) and the seeds. McNemar's exact "
+              "test on the shipped models' discordant images, Holm-corrected for the number of pairs in brackets. "
+              "A verdict of \"better\" needs both; otherwise the difference is within what this test set and the "
+              "seeds can move, and ± says the smallest difference it could resolve.")
     files.write_text(paths.COMPARE_MD, f"# Test-set comparison on {cfg.data.name}\n\n"
-                     + reporting.markdown_table(header, rows) + f"\n{how}\n")
+                     + comparison.best_line(predictions, pairs) + "\n\n"
+                     + reporting.markdown_table(header, rows) + f"\n{how}\n\n## Is A better than B?\n\n"
+                     + reporting.markdown_table(comparison.TABLE_HEADER, comparison.table_rows(pairs))
+                     + f"\n{paired}\n")
     files.write_json(paths.METRICS_JSON, final)
 
     # the final model's predictions and confusion matrix as `evaluate` wrote them, where DVC's plots expect them
@@ -308,3 +453,4 @@ def report(cfg: Config) -> None:
     reporting.plot_curves(histories, paths.PLOTS_DIR / "curves.png")
     files.write_csv(paths.PLOTS_DIR / "curves.csv", reporting.LONG_CURVE_COLUMNS, reporting.long_curve_rows(histories))
     print(f"final model ({fit[FINAL]['model']}): " + ", ".join(f"{k} {shown(final, k)}" for k in METRIC_KEYS))
+    print(comparison.best_line(predictions, pairs).replace("**", ""))

@@ -485,13 +485,15 @@ def mark_best_version(client: MlflowClient, name: str, metric: str, data_md5: st
 # ---------------------------------------------------------------- after training
 
 def log_test_results(cfg: Config, run_name: str, model_file: Path, metrics: dict[str, float],
-                     artifacts: list[Path]) -> None:
+                     artifacts: list[Path], level: str = "model") -> None:
     """Attach test metrics and reports to the latest `run_name` run that produced exactly `model_file` (found by
-    its MD5), and to that run's registry versions. Warns instead of failing when there is no such run."""
+    its MD5), and to that run's registry versions. `level`: the model's run, or one of its seed replicates' (the
+    shipped replicate's file is the model's). Warns instead of failing when there is no such run."""
     client = connect(cfg.tracking)
     md5 = files.file_digest(model_file)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment or cfg.data.name)
-    query = f"tags.`model.md5` = '{md5}' and tags.`pipeline.role` = '{run_name}'"
+    query = (f"tags.`model.md5` = '{md5}' and tags.`pipeline.role` = '{run_name}' "
+             f"and tags.`pipeline.level` = '{level}'")
     runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"],
                               max_results=1) if experiment else []
     if not runs:

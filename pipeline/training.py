@@ -19,6 +19,7 @@ import torch
 from pipeline import data, devices, distributed, loop, models
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.metrics import is_better
 
 
 def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
@@ -52,20 +53,52 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
+def replicate_configs(cfg: Config) -> list[Config]:
+    """A config's seed replicates: `cfg.replicates` copies with seeds seed, seed+1, ... They vary what the seed
+    varies (initialisation, data order, augmentation, dropout), never the data split (data.split_seed)."""
+    return [cfg.with_overrides({"seed": cfg.seed + index}, source="replicates") for index in range(cfg.replicates)]
+
+
+def shipped(cfg: Config, results: list[loop.FitResult]) -> int:
+    """Which replicate ships: the best on the monitored validation metric (the first of equals). Never chosen by
+    the test set, which stays for judging it."""
+    best = 0
+    for index, result in enumerate(results):
+        if is_better(cfg.train.monitor, result.best_score, results[best].best_score):
+            best = index
+    return best
+
+
 def resume_key(cfg: Config, data_md5: str) -> str:
     """Names a run's resume point: same config, same prepared data and same code, or it is another run's."""
     return f"{cfg.fingerprint()}-{data_md5[:8]}-{code_version()[:8]}"
 
 
-def summary(cfg: Config, result: loop.FitResult, model: torch.nn.Module) -> dict:
-    """The run's outcome as metrics.json holds it: deterministic (no timings), so re-runs change nothing."""
+def resume_keys(cfg: Config, data_md5: str) -> list[str]:
+    """Each seed replicate's resume point: <key>-r<index> (a single run's is the key itself)."""
+    key = resume_key(cfg, data_md5)
+    return [f"{key}-r{index}" for index in range(cfg.replicates)] if cfg.replicates > 1 else [key]
+
+
+def summary(cfg: Config, results: list[loop.FitResult], ships: int, model: torch.nn.Module) -> dict:
+    """The outcome as metrics.json holds it: the shipped replicate's, then each validation value's mean and std
+    over the replicates. Deterministic (no timings), so re-runs change nothing."""
+    import numpy as np
+
+    result = results[ships]
     best = result.best
+    spread = {}
+    for key in ("val_loss", "val_accuracy"):
+        values = np.array([getattr(each.best, key) for each in results])
+        spread |= {f"{key}_mean": float(values.mean()),
+                   f"{key}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
     return {
-        "model": cfg.model.name,
+        "model": cfg.model.name, "seed": cfg.seed + ships, "replicates": len(results),
         "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "train_accuracy": best.train_accuracy, "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
         # a train/val gap that keeps growing is the classic over-fitting signal
         "generalization_gap": best.train_accuracy - best.val_accuracy,
+        **spread,
         "parameters": models.count_parameters(model),
     }
 

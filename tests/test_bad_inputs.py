@@ -68,11 +68,11 @@ def truncate(relative: str) -> Callable[[Path], list[str]]:
 
 
 def resume_point(content: bytes | str) -> Callable[[Path], list[str]]:
-    """A broken resume point exactly where `train --model cnn` looks for its own."""
+    """A broken resume point exactly where `train --model cnn` looks for its own (its first seed replicate's)."""
     def setup(repo: Path) -> list[str]:
         code = ("import sys; from pipeline import data, training; from pipeline.config import load_config; "
                 "cfg = load_config('params.yaml', ['model.name=cnn']); "
-                "print(training.resume_key(cfg, data.load_prepared(__import__('pathlib').Path('data/prepared')).md5))")
+                "print(training.resume_keys(cfg, data.load_prepared(__import__('pathlib').Path('data/prepared')).md5)[0])")
         key = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
                              check=True).stdout.strip()
         path = repo / "checkpoints" / "cnn" / f"{key}.pt"

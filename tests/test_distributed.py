@@ -14,7 +14,10 @@ from helpers import run_cli
 pytestmark = pytest.mark.slow
 
 # dropout 0: each rank draws its own dropout masks, so only without dropout are the two runs the same computation
-SETTINGS = ["--set", "model.dropout=0", "--set", "data.augment.crop_padding=1", "--set", "train.epochs=3"]
+# one seed: under torchrun a model's replicates train one after another through the same loop, and these tests
+# are about the ranks
+SETTINGS = ["--set", "model.dropout=0", "--set", "data.augment.crop_padding=1", "--set", "train.epochs=3",
+            "--set", "replicates=1"]
 TOLERANCE = 1e-5  # float sums in another order (per rank, then across ranks); measured differences: ~1e-6
 
 
@@ -41,7 +44,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(prepared_repo, 
 
 
 def test_two_processes_resume_after_sigterm(prepared_repo):
-    settings = [*SETTINGS[:4], "--set", "train.epochs=300", "--set", "train.patience=2", "--set", "train.scheduler=none",
+    settings = [*SETTINGS[:4], "--set", "replicates=1", "--set", "train.epochs=300", "--set", "train.patience=2", "--set", "train.scheduler=none",
                 "--set", "tracking.enabled=false"]
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--model", "mlp", "--nproc", "2",
                                 *settings], cwd=prepared_repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -28,9 +28,13 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     assert [row["epoch"] for row in history] == ["1", "2"]
     assert list(history[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
     final = json.loads((repo_copy / "reports/metrics.json").read_text())
-    assert list(final) == list(KEYS) and METRIC_KEYS <= set(final)  # each test metric with its 95% interval
+    assert list(final)[:len(KEYS)] == list(KEYS) and METRIC_KEYS <= set(final)  # each with its 95% interval
+    assert final["replicates"] == 3 and {f"{key}_{stat}" for key in METRIC_KEYS for stat in ("mean", "std")} <= set(final)
     compare = (repo_copy / "reports/compare.md").read_text()
     assert "| logreg |" in compare and "| final (cnn) |" in compare and "seconds" not in compare
+    # the best model named, and every pair judged on the same images
+    assert compare.count("Best: **") == 1 and "## Is A better than B?" in compare
+    assert "| final (cnn) | logreg |" in compare or "| logreg | final (cnn) |" in compare
     assert f"| {final['accuracy']:.4f} [{final['accuracy_ci95_low']:.3f}, {final['accuracy_ci95_high']:.3f}] |" \
         in compare
     assert (repo_copy / "reports/plots/confusion.png").stat().st_size > 1000
@@ -78,7 +82,7 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     assert "resuming" not in forced.stderr
     assert git(clone, "status", "--porcelain").stdout == ""
     client, runs = stores(clone)
-    assert len(by_role(runs)["final"]) == 2
+    assert len(by_role(runs)["final"]) == 2 * 4  # twice: the model's run and its three seed replicates'
     for run in by_role(runs)["final"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
 

@@ -29,7 +29,9 @@ def test_an_experiment_in_a_temporary_copy_logs_to_the_root_store(repo_copy):
     assert experiment.returncode == 0, experiment.stdout + experiment.stderr
     _, runs = stores(repo_copy)
     runs = [r for r in runs if r.info.status == "FINISHED"]
-    assert [r.data.tags["pipeline.role"] for r in runs] == ["logreg"]  # in the repo's own store
+    # in the repo's own store: the model's run and its seed replicates'
+    assert sorted((r.data.tags["pipeline.role"], r.data.tags["pipeline.level"]) for r in runs) == \
+        [("logreg", "model")] + [("logreg", "replicate")] * 3
     assert all(r.data.tags.get("dvc.exp_name") for r in runs), [r.data.tags for r in runs]
     assert {r.data.params["train.lr"] for r in runs} == {"0.02"}
     assert not (repo_copy / ".dvc/tmp/exps").exists() or not list((repo_copy / ".dvc/tmp/exps").rglob("mlflow.db"))
@@ -91,7 +93,7 @@ def test_a_folder_fine_tunes_from_a_local_weights_file_through_dvc_exp_run(repo_
     weights = tmp_path / "mobilenet.pth"
     torch.save(mobilenet_v3_small(weights=None).state_dict(), weights)
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
-    edit_params(repo_copy, {**TINY, "comparison": ["mobilenet_v3_small"], "train.epochs": 1})
+    edit_params(repo_copy, {**TINY, "comparison": ["mobilenet_v3_small"], "train.epochs": 1, "replicates": 1})
     git(repo_copy, "commit", "-qam", "tiny")
 
     result = run_dvc("exp", "run", "-S", "data.name=folder", "-S", f"data.path={images}", "-S", "data.image_size=32",

@@ -314,3 +314,21 @@ def test_a_cuda_epoch_waits_for_the_gpu_only_at_its_end(digits, tiny_cfg, runs):
 
     waits(128)  # once first: CUDA and its libraries set themselves up on first use (and wait for the GPU then)
     assert waits(128) == waits(16)
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_seed_replicates_trained_together_get_the_numbers_each_gets_alone(digits, tiny_cfg, model):
+    """A config's replicates are the ideal population (one group: same shapes, every member every epoch); each
+    gets what its seed gets alone, and the seeds differ."""
+    cfg = tiny_cfg.with_overrides({**EXACT, "model.name": model, "replicates": 3})
+    members = training.replicate_configs(cfg)
+    assert [each.seed for each in members] == [42, 43, 44]
+    alone = [loop.fit(*training.setup(each, digits, CPU), each.train, CPU) for each in members]
+    together = [member(each, digits) for each in members]
+    assert len(fusion.groups(together, CPU)) == 1
+    population.fit_together(together, CPU)
+    for run, by_itself in zip(together, alone):
+        assert_same_history(run.result.history, by_itself.history)
+    assert len({run.result.history[-1].train_loss for run in together}) == 3
+    assert training.shipped(cfg, [run.result for run in together]) == \
+        min(range(3), key=lambda i: (together[i].result.best_score, i))

@@ -33,7 +33,7 @@ def test_changed_folder_data_is_never_resumed_from_the_old_resume_point(repo_cop
     images = tmp_path / "images"
     write_digit_folder(images, per_class=12)
     edit_params(repo_copy, {"data.name": "folder", "data.path": str(images), "data.channels": 1,
-                            "data.image_size": 8, "tracking.enabled": False, "train.epochs": 300})
+                            "data.image_size": 8, "tracking.enabled": False, "train.epochs": 300, "replicates": 1})
     run_cli("prepare", cwd=repo_copy, check=True)
     train_until(repo_copy, "epoch   2/300")
     assert len(list((repo_copy / "checkpoints/cnn").glob("*.pt"))) == 1
@@ -113,8 +113,10 @@ def test_diverging_run_is_failed_with_one_line(prepared_repo, tracked_env):
                      "--set", "train.epochs=3", cwd=repo_copy, env=tracked_env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: training loss became")
-    run, = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert run.info.status == "FAILED" and "training loss became" in run.data.tags["error"]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 4  # the model's run and its three seed replicates'
+    for run in runs:
+        assert run.info.status == "FAILED" and "training loss became" in run.data.tags["error"]
 
 
 def start_training(repo: Path, env: dict, *overrides: str) -> subprocess.Popen:
@@ -131,14 +133,20 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) ->
     raise AssertionError(f"process ended before {text!r}: {process.stderr.read()}")
 
 
-def only_run(client):
-    run, = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`pipeline.role` = 'cnn'")
+def only_run(client, level="model"):
+    run, = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`pipeline.role` = 'cnn' and tags.`pipeline.level` = '{level}'")
     return run
+
+
+def replicate_runs(client):
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`pipeline.level` = 'replicate'", order_by=["params.seed ASC"])
 
 
 def test_sigterm_ends_run_killed_and_the_resumed_training_continues_it(prepared_repo, tracked_env):
     repo_copy = prepared_repo
-    process = start_training(repo_copy, tracked_env, "--set", "train.epochs=300")
+    process = start_training(repo_copy, tracked_env, "--set", "train.epochs=300", "--set", "replicates=1")
     wait_for_line(process, "epoch   2/300")  # every callback of epoch 1 ran, and its resume point exists
     assert list((repo_copy / "checkpoints/cnn").glob("*.pt")), "no resume point written"
     process.send_signal(signal.SIGTERM)
@@ -150,7 +158,8 @@ def test_sigterm_ends_run_killed_and_the_resumed_training_continues_it(prepared_
     assert len(client.get_metric_history(killed.info.run_id, "val_accuracy")) >= 1
 
     # another config under the same run name starts fresh and leaves the interrupted run's resume point alone
-    other = run_cli("train", "--model", "cnn", "--set", "train.epochs=2", cwd=repo_copy, env=tracked_env)
+    other = run_cli("train", "--model", "cnn", "--set", "train.epochs=2", "--set", "replicates=1", cwd=repo_copy,
+                    env=tracked_env)
     assert other.returncode == 0 and "resuming" not in other.stderr and "starting fresh: 1 resume point" in other.stderr
     assert len(list((repo_copy / "checkpoints/cnn").glob("*.pt"))) == 1
 
@@ -165,18 +174,23 @@ def test_a_sigkilled_run_is_closed_by_the_next_process_and_its_resumed_training_
     process.kill()
     process.wait(timeout=30)
     client = MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
-    orphan = only_run(client)
-    assert orphan.info.status == "RUNNING"
+    orphans = [only_run(client), *replicate_runs(client)]  # the model's run and its three seed replicates'
+    assert len(orphans) == 4 and {run.info.status for run in orphans} == {"RUNNING"}
 
     run_cli("train", "--model", "logreg", "--set", "train.epochs=1", cwd=repo_copy, env=tracked_env, check=True)
-    closed = client.get_run(orphan.info.run_id)
-    assert closed.info.status == "KILLED" and "killed" in closed.data.tags["pipeline.end_reason"]
+    for orphan in orphans:
+        closed = client.get_run(orphan.info.run_id)
+        assert closed.info.status == "KILLED" and "killed" in closed.data.tags["pipeline.end_reason"]
 
     resumed = run_cli("train", "--model", "cnn", *settings, cwd=repo_copy, env=tracked_env, check=True)
-    assert "resuming from" in resumed.stderr
+    assert resumed.stderr.count("resuming from") == 3 and "starting fresh" not in resumed.stderr
     run = only_run(client)
-    assert run.info.run_id == orphan.info.run_id and run.info.status == "FINISHED"
-    assert "pipeline.end_reason" not in run.data.tags
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
-    assert steps == list(range(1, 31))  # every epoch, each once
+    replicates = [each for each in replicate_runs(client) if each.data.tags["pipeline.role"] == "cnn"]
+    assert [each.info.run_id for each in [run, *replicates]] == [each.info.run_id for each in orphans]
+    for each in [run, *replicates]:
+        assert each.info.status == "FINISHED" and "pipeline.end_reason" not in each.data.tags
+    assert {each.data.tags["mlflow.parentRunId"] for each in replicates} == {run.info.run_id}
+    for each in replicates:
+        steps = [m.step for m in client.get_metric_history(each.info.run_id, "val_loss")]
+        assert steps == list(range(1, 31))  # every epoch, each once
     assert not list((repo_copy / "checkpoints/cnn").glob("*.pt")), "a finished run keeps no resume point"

@@ -39,8 +39,33 @@ def trained(tmp_path_factory):
     # a second, worse final model (1 epoch) registers version 2; `best` must stay on version 1
     outputs.append(run_cli("train", "--final", "--set", "train.epochs=1", cwd=repo, check=True, env=env))
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`pipeline.level` = 'model'", order_by=["start_time ASC"])
     return repo, client, runs, env, outputs, root
+
+
+def replicates_of(client, run):
+    return client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+                              order_by=["params.seed ASC"])
+
+
+def test_each_model_run_nests_its_seed_replicates_and_carries_their_spread(trained):
+    """Every model trains with 3 seeds (the default): one MLflow run each, nested under the model's run, which
+    ships the best on validation and carries each test metric's mean and std over them."""
+    import statistics
+
+    _, client, runs, _, _, _ = trained
+    for run in runs[:2]:  # the evaluated ones
+        replicates = replicates_of(client, run)
+        assert [each.data.params["seed"] for each in replicates] == ["42", "43", "44"]
+        assert {each.data.tags["pipeline.level"] for each in replicates} == {"replicate"}
+        assert [len(client.get_metric_history(each.info.run_id, "val_loss")) for each in replicates] == [3, 3, 3]
+        best = min(replicates, key=lambda each: each.data.metrics["best_val_loss"])
+        assert run.data.tags["replicate.shipped_seed"] == best.data.params["seed"]
+        assert run.data.metrics["test_accuracy"] == best.data.metrics["test_accuracy"]  # the shipped one's
+        accuracies = [each.data.metrics["test_accuracy"] for each in replicates]
+        assert run.data.metrics["test_accuracy_mean"] == pytest.approx(statistics.mean(accuracies))
+        assert run.data.metrics["test_accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
 
 
 def test_each_training_run_has_params_curves_test_metrics_lineage_and_model(trained):
@@ -88,7 +113,7 @@ def test_registry_versions_carry_val_and_test_metrics_and_best_is_chosen_on_vali
 
 def test_no_password_appears_in_any_field_file_or_message(trained):
     repo, client, runs, _, outputs, root = trained
-    for run in runs:
+    for run in [each for model in runs for each in [model, *replicates_of(client, model)]]:
         assert run.data.params["tune.storage"] == "postgresql://optuna:***@127.0.0.1:1/optuna"
         assert PASSWORD not in str(run.data.params) + str(run.data.tags)
     assert "tracking.uri=http://mlflow:***@nowhere:5000" in runs[1].data.tags["mlflow.source.name"]
@@ -103,11 +128,12 @@ def test_no_password_appears_in_any_field_file_or_message(trained):
 
 
 def test_reproduce_matches_exactly_and_refuses_other_data(trained):
-    repo, _, runs, env, _, _ = trained
-    run_id = runs[1].info.run_id
-    result = run_cli("reproduce", run_id, cwd=repo, env=env)
-    assert result.returncode == 0, result.stderr
-    assert f"run {run_id} reproduced exactly" in result.stdout and "test_accuracy" in result.stdout
+    repo, client, runs, env, _, _ = trained
+    # the model's run (its shipped replicate) and one of the seed replicates trained beside it
+    for run_id in (runs[1].info.run_id, replicates_of(client, runs[1])[2].info.run_id):
+        result = run_cli("reproduce", run_id, cwd=repo, env=env)
+        assert result.returncode == 0, result.stderr
+        assert f"run {run_id} reproduced exactly" in result.stdout and "test_accuracy" in result.stdout
 
     run_cli("prepare", "--set", "data.split_seed=7", cwd=repo, check=True, env=env)
     result = run_cli("reproduce", run_id, cwd=repo, env=env)

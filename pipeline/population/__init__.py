@@ -1,4 +1,4 @@
-"""A population: same-shaped runs (a search's trials; a config's seed replicates, once built) trained as one.
+"""A population: same-shaped runs (a search's trials; a config's seed replicates) trained as one.
 
 `fusion` holds the one rule of what may be fused, `stacking` the fused model
 (several models' forward pass as one), `engine` the training of several

@@ -1,4 +1,4 @@
-"""Several runs trained at once, each as `loop.fit` trains it alone: the trials of a search (next: seed replicates).
+"""Several runs trained at once, each as `loop.fit` trains it alone: the trials of a search, a config's seed replicates.
 
 Each run keeps its own `loop.Run` (optimizer, schedule, callbacks, early
 stopping, resume point, per-epoch metrics); runs with equal
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline import data, loop
+from pipeline import data, loop, processes
 from pipeline.loop import Run
 from pipeline.population import fusion
 from pipeline.population.stacking import Stack
@@ -68,11 +68,12 @@ def _epoch(group: list[Run], forward: nn.Module, device: torch.device) -> None:
     trained = train_one_epoch(forward, group, dtype, device)
     validated = evaluate(forward, group, dtype, device)
     seconds = time.perf_counter() - tick
-    for run, train, val in zip(group, trained, validated):
-        try:
-            run.end_epoch(train, val, seconds)
-        except Exception as err:  # noqa: BLE001 - the run's own failure: the others go on
-            run.error = err
+    with processes.signals_deferred():  # Ctrl-C or SIGTERM: every run of the group keeps this epoch, or none does
+        for run, train, val in zip(group, trained, validated):
+            try:
+                run.end_epoch(train, val, seconds)
+            except Exception as err:  # noqa: BLE001 - the run's own failure: the others go on
+                run.error = err
 
 
 def train_one_epoch(forward: nn.Module, group: list[Run], dtype: torch.dtype | None, device: torch.device

@@ -2,8 +2,8 @@
 
 Everything that decides it lives here, and every caller asks here: the engine
 (which runs it groups) and the search (which params a population's trials
-hold equal, which trials train alone); seed replicates, once they train as
-one, will be a single group.
+hold equal, which trials train alone); a config's seed replicates are a
+single group.
 
 - `fusion_key`: runs with equal keys are computed by one `stacking.Stack`: the same
   model `signature` (layers, settings, widths), batch size and batches per
