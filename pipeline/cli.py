@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", parents=[common],
                                     help="retrain an MLflow run from its config; exit 0 only if test metrics match")
     reproduce.add_argument("run_id")
+    compare = commands.add_parser("compare", parents=[common],
+                                  help="is A better than B? every pair of results judged on the same test images")
+    compare.add_argument("sources", nargs="+", metavar="RESULT",
+                         help="an MLflow run id, models:/NAME@ALIAS, or a git revision / DVC experiment name "
+                              "(optionally REV:RUN, default RUN final)")
+    compare.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table to FILE")
     ui = commands.add_parser("ui", parents=[common], help="mlflow ui + optuna-dashboard on 127.0.0.1 (Ctrl-C stops)")
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--optuna-port", type=int, default=8080)
@@ -161,5 +167,7 @@ def run(args: argparse.Namespace) -> None:
             commands.predict(cfg, args.images, args.model_uri)
         elif args.command == "reproduce":
             commands.reproduce(cfg, args.run_id)
+        elif args.command == "compare":
+            commands.compare(cfg, args.sources, args.markdown)
         elif args.command == "ui":
             commands.ui(cfg, args.mlflow_port, args.optuna_port, args.verbose)

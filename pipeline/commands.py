@@ -1,7 +1,8 @@
-"""Commands for people, beside the DVC stages: predict, reproduce, ui."""
+"""Commands for people, beside the DVC stages: predict, reproduce, compare, ui."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import Config
-from pipeline.errors import CheckFailed, UserError
+from pipeline.errors import CheckFailed, UserError, first_line
 from pipeline.paths import FINAL, RunPaths
 
 
@@ -83,6 +84,62 @@ def reproduce(cfg: Config, run_id: str) -> None:
     if differing:
         raise CheckFailed(f"run {run_id} not reproduced: {', '.join(differing)} differ")
     print(f"run {run_id} reproduced exactly")
+
+
+def compare(cfg: Config, sources: list[str], markdown: Path | None = None) -> None:
+    """Every pair of `sources` judged on the same test images, as compare.md judges the models of one repro.
+
+    A source is an MLflow run id (a model's or one seed replicate's), a registered model (models:/NAME@ALIAS),
+    or a git revision or DVC experiment name, optionally with `:RUN` (default: final), whose
+    reports/eval/RUN/predictions.npz is read from the DVC cache (a path to such a file works too).
+    """
+    from pipeline import comparison, files, reporting
+
+    if len(sources) < 2:
+        raise UserError("compare needs at least two results (run ids, models:/NAME@ALIAS, git revisions or DVC "
+                        "experiment names)")
+    with tempfile.TemporaryDirectory(prefix="compare-") as scratch:
+        compared = [_predictions_of(cfg, source, Path(scratch) / str(i)) for i, source in enumerate(sources)]
+    names = [each.name for each in compared]
+    compared = [each if names.count(each.name) == 1 else dataclasses.replace(each, name=f"{each.name} [{i + 1}]")
+                for i, each in enumerate(compared)]
+    pairs = comparison.compare(compared, cfg.seed)
+    text = comparison.best_line(compared, pairs) + "\n\n" + reporting.markdown_table(
+        comparison.TABLE_HEADER, comparison.table_rows(pairs))
+    print(text, end="")
+    if markdown:
+        files.write_text(markdown, f"# {' vs '.join(each.name for each in compared)}\n\n{text}")
+
+
+def _predictions_of(cfg: Config, source: str, scratch: Path):
+    from pipeline.comparison import Predictions
+
+    scratch.mkdir(parents=True)
+    if Path(source).suffix == ".npz" and Path(source).is_file():
+        return Predictions.load(Path(source), Path(source).stem)
+    if source.startswith("models:/") or _is_run_id(source):
+        from pipeline import tracking
+
+        local, name, index = tracking.logged_predictions(cfg, source, scratch)
+        loaded = Predictions.load(local, name)
+        return loaded if index is None else loaded.only(index, name)
+    import dvc.api
+    from dvc.exceptions import DvcException
+    from scmrepo.exceptions import SCMError
+
+    rev, _, run = source.partition(":")
+    path = paths.eval_dir(run or FINAL) / paths.PREDICTIONS
+    try:
+        with dvc.api.open(str(path), rev=rev or None, mode="rb") as stream:
+            (scratch / paths.PREDICTIONS).write_bytes(stream.read())
+    except (DvcException, SCMError, OSError) as err:
+        raise UserError(f"cannot read {path} at {rev!r}: {first_line(err)} (a git revision or DVC experiment "
+                        "name whose outputs are in this repo's DVC cache; `dvc exp list` names them)") from None
+    return Predictions.load(scratch / paths.PREDICTIONS, f"{rev}:{run or FINAL}")
+
+
+def _is_run_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, ready_timeout_s: float = 120) -> None:

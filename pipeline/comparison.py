@@ -58,6 +58,11 @@ class Predictions:
                                "shipped": np.int64(self.shipped), "data_md5": np.str_(self.data_md5),
                                "classes": np.array(self.classes, dtype=np.str_)})
 
+    def only(self, index: int, name: str) -> Predictions:
+        """One replicate's predictions, as if it were the only one."""
+        return Predictions(name, self.labels, self.probabilities[index:index + 1], self.seeds[index:index + 1], 0,
+                           self.data_md5, self.classes)
+
     @classmethod
     def load(cls, path: Path, name: str, remedy: str = "") -> Predictions:
         arrays = files.read_npz(path, remedy)

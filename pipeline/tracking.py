@@ -523,6 +523,31 @@ def fetch_run(cfg: Config, run_id: str) -> tuple[str, dict[str, str], dict[str, 
     return logged, run.data.tags, run.data.metrics
 
 
+def logged_predictions(cfg: Config, source: str, dest: Path) -> tuple[Path, str, int | None]:
+    """The test predictions `evaluate` logged for an MLflow run id or a registered model (models:/NAME@ALIAS,
+    models:/NAME/VERSION): (the downloaded predictions.npz, the run's name, and for a seed replicate's run its
+    index in that file, which its model's run holds)."""
+    client = connect(cfg.tracking)
+    try:
+        if source.startswith("models:/"):
+            name, _, version = source.removeprefix("models:/").partition("/")
+            name, _, alias = name.partition("@")
+            model = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name,
+                                                                                                          version)
+            source = model.run_id
+        run = client.get_run(source)
+        tags = run.data.tags
+        replicate = tags.get("pipeline.level") == "replicate"
+        holder = tags["mlflow.parentRunId"] if replicate else run.info.run_id
+        local = mlflow.artifacts.download_artifacts(run_id=holder, artifact_path=paths.PREDICTIONS,
+                                                    dst_path=str(dest))
+    except (MlflowException, OSError) as err:
+        raise UserError(f"cannot read the test predictions of {source} from {redact(tracking_uri(cfg.tracking))}: "
+                        f"{redact(first_line(err))} (only runs evaluated by `evaluate` have them)") from None
+    name = run.info.run_name + (f" (seed {tags.get('replicate.seed')})" if replicate else "")
+    return Path(local), name, int(tags["replicate.index"]) if replicate else None
+
+
 def download_model_file(cfg: Config, model_uri: str, dest: Path) -> Path:
     """The weights file of an MLflow model (e.g. models:/digits-cnn/1 or models:/digits-cnn@best), downloaded
     without loading the model through MLflow: nothing in the store is unpickled or executed."""

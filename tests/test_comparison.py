@@ -101,3 +101,16 @@ def test_predictions_survive_their_file_byte_for_byte(tmp_path):
     loaded = Predictions.load(tmp_path / "a.npz", "ours")
     assert loaded.shipped == 1 and loaded.data_md5 == ours.data_md5 and loaded.classes == ours.classes
     assert np.array_equal(loaded.probabilities, ours.probabilities) and np.array_equal(loaded.seeds, ours.seeds)
+
+
+def test_the_compare_command_refuses_results_on_different_test_sets_in_one_line(tmp_path):
+    from helpers import REPO, run_cli
+
+    predictions("ours", 0.9).save(tmp_path / "ours.npz")
+    predictions("theirs", 0.9, data_md5="e" * 32).save(tmp_path / "theirs.npz")
+    result = run_cli("compare", str(tmp_path / "ours.npz"), str(tmp_path / "theirs.npz"), cwd=REPO)
+    assert result.returncode == 2 and result.stdout == ""
+    line, = result.stderr.strip().splitlines()
+    assert "ours and theirs were tested on different test sets" in line
+    same = run_cli("compare", str(tmp_path / "ours.npz"), str(tmp_path / "ours.npz"), cwd=REPO)
+    assert same.returncode == 0 and "| ours [1] | ours [2] |" in same.stdout and "identical predictions" in same.stdout

@@ -7,7 +7,7 @@ import subprocess
 import optuna
 import pytest
 
-from helpers import by_role, edit_params, git, run_dvc, stores
+from helpers import run_cli, by_role, edit_params, git, run_dvc, stores
 from pipeline.evaluation import KEYS
 
 pytestmark = pytest.mark.slow
@@ -95,6 +95,10 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
                     if exp.get("name") == "three-epochs")
     assert recorded["params"]["params.yaml"]["data"]["train"]["epochs"] == 3
     assert "accuracy" in recorded["metrics"]["reports/metrics.json"]["data"]
+    # the committed final model against the experiment's, image by image, from the DVC cache
+    compared = run_cli("compare", "HEAD", "three-epochs", "HEAD:logreg", cwd=clone)
+    assert compared.returncode == 0, compared.stderr
+    assert {"HEAD:final", "three-epochs:final", "HEAD:logreg"} <= set(compared.stdout.replace("|", " ").split())
 
     for command in (["exp", "show", "--drop", "models.*", "--json"], ["plots", "show", "-o", str(tmp_path / "p")]):
         shown = run_dvc(*command, cwd=clone)

@@ -111,6 +111,20 @@ def test_registry_versions_carry_val_and_test_metrics_and_best_is_chosen_on_vali
     assert float(first.tags["test_accuracy"]) == runs[1].data.metrics["test_accuracy"]
 
 
+def test_compare_judges_runs_and_a_seed_replicate_on_their_logged_predictions(trained):
+    repo, client, runs, env, _, _ = trained
+    logreg, final = runs[0], runs[1]
+    seed_44 = replicates_of(client, final)[2]
+    result = run_cli("compare", logreg.info.run_id, final.info.run_id, seed_44.info.run_id, "--markdown",
+                     str(repo / "pairs.md"), cwd=repo, env=env)
+    assert result.returncode == 0, result.stderr
+    names = [logreg.info.run_name, final.info.run_name, f"{seed_44.info.run_name} (seed 44)"]
+    assert result.stdout.startswith("Best: **") and all(name in result.stdout for name in names)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "verdict" not in line]
+    assert len(rows) == 3  # three pairs
+    assert (repo / "pairs.md").read_text().endswith(result.stdout)
+
+
 def test_no_password_appears_in_any_field_file_or_message(trained):
     repo, client, runs, _, outputs, root = trained
     for run in [each for model in runs for each in [model, *replicates_of(client, model)]]:
