@@ -243,6 +243,11 @@ class TuneConfig(Section):
     population: int = Field(16, ge=1, le=256, description="trials trained at once by each worker: those of the same "
                                                          "model widths and batch size in one forward pass; 1 = one "
                                                          "trial at a time")
+    confirm: int = Field(3, ge=0, le=1000,
+                         description="after the search, the best N distinct trials and the untuned settings' trial "
+                                     "are retrained with `replicates` seeds; the best mean wins, and the untuned "
+                                     "settings ship unless it beats them beyond the seeds' noise. 0: the best trial "
+                                     "ships as it is")
     storage: str | None = Field(None, description="Optuna RDB URL (sqlite:///, postgresql://), a gRPC storage proxy "
                                                   "(grpc://host:port) or a journal file path; default "
                                                   "sqlite:///<repo>/optuna.db")
@@ -535,6 +540,8 @@ _RUNTIME_TRIAL = {"threads"}
 # How much of a search to run: a bigger budget continues the same study. (A population trains its trials as
 # they would train alone, but asks the sampler at other moments: other trials of the same study.)
 _BUDGET_TUNE = {"n_trials", "timeout", "population"}
+# What happens once the trials are done (the confirmation): the same study, another winner.
+_AFTER_SEARCH_TUNE = {"confirm"}
 
 
 def _section_keys(section: str, model: type[BaseModel], skip: set[str] = frozenset()) -> list[str]:
@@ -551,9 +558,11 @@ def study_keys() -> list[str]:
     """Params that define a search (its study name hashes these): change one and it is another study."""
     return ["seed", "data.augment", *_section_keys("model", ModelConfig),
             *_section_keys("train", TrainConfig, _SET_BY_SEARCH | _RUNTIME_TRIAL),
-            *_section_keys("tune", TuneConfig, _RUNTIME_TUNE | _BUDGET_TUNE)]
+            *_section_keys("tune", TuneConfig, _RUNTIME_TUNE | _BUDGET_TUNE | _AFTER_SEARCH_TUNE)]
 
 
 def search_keys() -> list[str]:
-    """Params that can change a search's outcome: the study's definition and its budget."""
-    return [*study_keys(), *(f"tune.{name}" for name in TuneConfig.model_fields if name in _BUDGET_TUNE)]
+    """Params that can change a search's outcome: the study's definition, its budget, and its confirmation (with
+    how many seeds)."""
+    return [*study_keys(), *(f"tune.{name}" for name in TuneConfig.model_fields
+                             if name in _BUDGET_TUNE | _AFTER_SEARCH_TUNE), "replicates"]

@@ -279,7 +279,8 @@ def tuned(cfg: Config, best_params: Path) -> Config:
 
     record = files.read_json(best_params, "run `python -m pipeline tune` (or `dvc repro tune`) to write it")
     try:
-        print(f"[final] using trial {record['trial']} of study {record['study']}: {record['params']}")
+        why = f" ({record['confirmation']['why']})" if "confirmation" in record else ""
+        print(f"[final] using trial {record['trial']} of study {record['study']}: {record['params']}{why}")
         return cfg.with_overrides(record["params"])
     except (KeyError, TypeError, AttributeError):
         raise UserError(f"{best_params} is not a search's best-params record; run `dvc repro -f tune` to "

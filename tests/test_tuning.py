@@ -325,3 +325,32 @@ def test_importances_are_drawn_only_from_enough_completed_trials(tmp_path, monke
     assert (tmp_path / paths.TUNE_PLOTS / "param_importances.png").stat().st_size > 1000
     said = capsys.readouterr().err
     assert ("too few for importances (at least 4)" in said) is not bars, said
+
+
+@pytest.mark.parametrize("space, lucky", [
+    # a param the default scheduler never reads: every trial trains the untuned settings, any lead is luck
+    ({"train.step_size": {"low": 1, "high": 50}}, True),
+    # ten times the untuned lr really is better after 3 epochs, whatever the seed
+    ({"train.lr": {"choices": [1.0e-3, 1.0e-2]}}, False)])
+def test_a_search_ships_the_untuned_settings_unless_its_winner_beats_them_over_seeds(in_prepared_repo, space, lucky):
+    from pipeline import paths, tuning
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "params.yaml", [
+        "model.name=mlp", "tune.epochs=3", "tune.n_trials=6", "tune.startup_trials=2", "tune.warmup_epochs=1",
+        f"tune.storage={in_prepared_repo / 'search.journal'}", "tracking.enabled=false", "train.device=cpu"]
+    ).with_overrides({"tune.space": space})
+    record = tuning.tune(cfg, paths.PREPARED_DIR, worker_args=[])
+    confirmation = record["confirmation"]
+    untuned, = [each for each in confirmation["candidates"] if each["untuned"]]
+    assert confirmation["seeds"] == [42, 43, 44] and all(len(each["values"]) == 3 for each in confirmation["candidates"])
+    assert json.loads(paths.BEST_PARAMS.read_text()) == json.loads(json.dumps(record))
+    if lucky:
+        assert confirmation["winner"] != untuned["trial"]  # a sampled trial leads by its seed alone...
+        assert record["trial"] == untuned["trial"] and record["params"] == {"train.step_size": 10}  # ...and loses
+        assert "does not beat the untuned settings" in confirmation["why"]
+    else:
+        assert record["params"] == {"train.lr": 1.0e-2} and confirmation["tuned_minus_untuned"]["high"] < 0
+    study = optuna.load_study(study_name=record["study"], storage=tuning.open_storage(cfg.tune))
+    assert study.user_attrs["confirm_shipped"] == record["trial"]
+    assert study.user_attrs[f"confirm_trial_{untuned['trial']}"]["mean"] == untuned["mean"]

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from pipeline import loop, paths, population
 from pipeline.config import Config
 from pipeline.errors import UserError, first_line, redact
+from pipeline.tuning.confirm import confirm
 from pipeline.tuning.reports import write_reports
 from pipeline.tuning.space import decoded_params
 from pipeline.tuning.storage import counts, fail, heartbeats, storage_url
@@ -138,17 +139,24 @@ def tune(cfg: Config, prepared_dir: Path, worker_args: list[str]) -> dict:
         complete = run_worker(search)  # alone, or after the workers: runs whatever they left (retries)
         _close_runs_of_dead_trials(search)
         best = _best_trial(study)
+        confirmation = confirm(search) if complete else None
+        shipped = study.trials[confirmation["shipped"]] if confirmation else best
         record = {"study": study.study_name, "metric": cfg.tune.metric, "direction": cfg.tune.direction,
-                  "value": best.value, "trial": best.number, "params": decoded_params(best, cfg.tune.space)}
+                  "value": shipped.value, "trial": shipped.number, "params": decoded_params(shipped, cfg.tune.space),
+                  **({"confirmation": confirmation} if confirmation else {})}
         write_reports(study, record, cfg)
         if parent:
             parent.log_metrics({f"best_{cfg.tune.metric}": best.value})
-            parent.set_tags({"optuna.best_trial": best.number})
+            parent.set_tags({"optuna.best_trial": best.number, "optuna.shipped_trial": shipped.number,
+                             **({"confirm.why": confirmation["why"]} if confirmation else {})})
             parent.log_artifacts(paths.BEST_PARAMS, paths.TRIALS_CSV, *sorted(paths.TUNE_PLOTS.glob("*.png")))
     states = {state.name.lower(): n for state in TrialState
               if (n := len(study.get_trials(deepcopy=False, states=(state,))))}
-    print(f"[tune] best trial {best.number}: {cfg.tune.metric} {best.value:.4f} with {record['params']} "
+    print(f"[tune] best trial {best.number}: {cfg.tune.metric} {best.value:.4f} "
           f"({', '.join(f'{k} {v}' for k, v in states.items())})", flush=True)
+    if confirmation:
+        print(f"[tune] confirmed over seeds {confirmation['seeds']}: {confirmation['why']}", flush=True)
+    print(f"[tune] ships trial {shipped.number}: {record['params']}", flush=True)
     if not complete:
         print(f"[tune] tune.timeout ({cfg.tune.timeout:g}s) reached with {counts(study)[0]}/{cfg.tune.n_trials} "
               "trials finished; the best so far is reported, and running `tune` again continues", flush=True)
