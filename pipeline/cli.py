@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", parents=[common],
                                     help="retrain an MLflow run from its config; exit 0 only if test metrics match")
     reproduce.add_argument("run_id")
+    reproduce.add_argument("--within-seeds", action="store_true",
+                           help="pass when each test metric lies within mean ± 2 std of the model's seed replicates "
+                                "instead of exactly (the default where exactness is not promised: CUDA without "
+                                "deterministic kernels)")
     compare = commands.add_parser("compare", parents=[common],
                                   help="is A better than B? every pair of results judged on the same test images")
     compare.add_argument("sources", nargs="+", metavar="RESULT",
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
         if args.command == "predict":
             commands.predict(cfg, args.images, args.model_uri)
         elif args.command == "reproduce":
-            commands.reproduce(cfg, args.run_id)
+            commands.reproduce(cfg, args.run_id, args.within_seeds)
         elif args.command == "compare":
             commands.compare(cfg, args.sources, args.markdown)
         elif args.command == "ui":

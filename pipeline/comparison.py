@@ -204,8 +204,8 @@ def best_line(compared: list[Predictions], pairs: list[Pair]) -> str:
     beaten = [pair.other for pair in pairs if pair.better == best and pair.significant]
     level = f"{LEVEL:.0%}"
     if len(beaten) == len(compared) - 1:
-        return f"Best: **{best}** (mean test accuracy {means[best]:.4f}{over}), significantly better than every other " \
-               f"model ({level} level, Holm-corrected)."
+        return f"Best: **{best}** (mean test accuracy {means[best]:.4f}{over}), significantly better than every " \
+               f"other model ({level} level, Holm-corrected)."
     ties = [p.name for p in compared if p.name != best and p.name not in beaten]
     lead = f"significantly better than {', '.join(beaten)}; " if beaten else ""
     return f"Best: **{best}** (mean test accuracy {means[best]:.4f}{over}); {lead}its lead over " \

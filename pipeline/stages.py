@@ -339,7 +339,8 @@ def evaluate(cfg: Config) -> None:
                                                                "classification_report.json", paths.PREDICTIONS)])
             for path, each in zip(model_files if len(model_files) > 1 else [], per_seed):
                 tracking.log_test_results(cfg, run_name, path, each, [], level="replicate")
-        over = f"; over {len(per_seed)} seeds {evaluation.shown_spread(spread, 'accuracy')}" if len(per_seed) > 1 else ""
+        over = f"; over {len(per_seed)} seeds {evaluation.shown_spread(spread, 'accuracy')}" \
+            if len(per_seed) > 1 else ""
         print(f"[{run_name}] test accuracy {evaluation.shown(metrics, 'accuracy')} "
               f"f1_macro {evaluation.shown(metrics, 'f1_macro')} on {metrics['images']} images{over}")
 

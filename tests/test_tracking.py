@@ -149,6 +149,19 @@ def test_reproduce_matches_exactly_and_refuses_other_data(trained):
         assert result.returncode == 0, result.stderr
         assert f"run {run_id} reproduced exactly" in result.stdout and "test_accuracy" in result.stdout
 
+    # within the seeds' spread, as on CUDA without deterministic kernels; and outside a spread made too narrow
+    final = runs[1].info.run_id
+    within = run_cli("reproduce", final, "--within-seeds", cwd=repo, env=env)
+    assert within.returncode == 0 and f"run {final} reproduced within its seeds' spread" in within.stdout, within.stderr
+    accuracy = runs[1].data.metrics["test_accuracy"]
+    client.log_metric(final, "test_accuracy_mean", accuracy + 0.1)
+    client.log_metric(final, "test_accuracy_std", 0.01)
+    outside = run_cli("reproduce", final, "--within-seeds", cwd=repo, env=env)
+    assert outside.returncode == 1
+    assert outside.stderr.strip() == f"error: run {final} not reproduced: test_accuracy falls outside the seeds' spread"
+    client.log_metric(final, "test_accuracy_mean", runs[1].data.metrics["test_accuracy_mean"])
+    client.log_metric(final, "test_accuracy_std", runs[1].data.metrics["test_accuracy_std"])
+
     run_cli("prepare", "--set", "data.split_seed=7", cwd=repo, check=True, env=env)
     result = run_cli("reproduce", run_id, cwd=repo, env=env)
     assert result.returncode == 2
