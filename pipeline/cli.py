@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workers", type=positive_int, metavar="N", help="worker processes (default: tune.workers)")
     tune.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child started by --workers
     commands.add_parser("evaluate", parents=[common], help="test-set metrics of every trained model")
-    commands.add_parser("report", parents=[common], help="final metrics, comparison table and plots")
+    report = commands.add_parser("report", parents=[common], help="final metrics, comparison table and plots")
+    report.add_argument("--tuned", metavar="JSON", help="the search the final model's params came from "
+                        "(reports/tune/best_params.json): compare.md says what it shipped and why")
     predict = commands.add_parser("predict", parents=[common], help="classify image files (top-3 probabilities)")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--model", dest="model_uri", metavar="URI",
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         stages.evaluate(cfg)
     elif args.command == "report":
-        stages.report(cfg)
+        stages.report(cfg, Path(args.tuned) if args.tuned else None)
     else:  # commands for people, not DVC stages
         from pipeline import commands
 

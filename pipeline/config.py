@@ -146,6 +146,9 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 = off")
     monitor: Monitor = Field("val_loss", description="picks the best epoch (and drives plateau and early stopping)")
+    monitor_window: int = Field(3, ge=1, le=MAX_EPOCHS, description="the epoch that ships ends the best window of "
+                                "this many epochs by mean monitored value, so one lucky validation pass does not "
+                                "choose it (and patience counts windows); 1 = the single best epoch")
     patience: int = Field(0, ge=0, le=MAX_EPOCHS, description="early-stopping patience in epochs; 0 = off")
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

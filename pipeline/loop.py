@@ -15,6 +15,7 @@ A population of same-shaped runs (`pipeline.population`) keeps each run's
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -48,6 +49,9 @@ class Callback:
 
 @dataclass
 class FitResult:
+    """A finished run: `best_epoch` is the one that ships (its weights `best_state`), and `best_score` what the run
+    is judged on: the monitored value averaged over the window that epoch ends (`smoothed`)."""
+
     history: list[EpochMetrics]
     best_epoch: int
     best_score: float
@@ -237,9 +241,10 @@ class Run:
         metrics = EpochMetrics(epoch, train_loss, train_accuracy, val_loss, val_accuracy, self.lr, seconds,
                                seen / seconds)
         self.history.append(metrics)
-        score = getattr(metrics, cfg.monitor)
         if self.scheduler is not None and not self.step_per_batch:
-            self.scheduler.step(score) if cfg.scheduler == "plateau" else self.scheduler.step()
+            plateau = cfg.scheduler == "plateau"
+            self.scheduler.step(getattr(metrics, cfg.monitor)) if plateau else self.scheduler.step()
+        score = smoothed(self.history, cfg.monitor, cfg.monitor_window)
         if is_better(cfg.monitor, score, self.best_score):
             self.best_epoch, self.best_score, self.bad_epochs = epoch, score, 0
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -272,6 +277,12 @@ class Run:
         with processes.signals_deferred():
             for callback in self.callbacks:
                 callback.on_fit_end(self.result)
+
+
+def smoothed(history: list[EpochMetrics], monitor: str, window: int) -> float:
+    """What a run is judged on after its last epoch: the mean of `monitor` over its last `window` epochs. The epoch
+    that ships ends the best such window, so one lucky validation pass on a small split does not choose it."""
+    return statistics.fmean(getattr(m, monitor) for m in history[-window:])
 
 
 # ---------------------------------------------------------------- the loop

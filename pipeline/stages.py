@@ -287,6 +287,18 @@ def tuned(cfg: Config, best_params: Path) -> Config:
                         "write it again") from None
 
 
+def _tuning_line(search: dict) -> str:
+    """Where the final model's params come from: the trial the search shipped, and (with `tune.confirm`) whether it
+    beat the untuned settings on validation beyond the seeds' noise, with the difference's interval."""
+    confirmation = search.get("confirmation")
+    if not confirmation:
+        return (f"Tuning: `final` trains with trial {search['trial']}'s params, the search's best on one seed per "
+                "trial (no confirmation over seeds: tune.confirm 0 or replicates 1).")
+    seeds = ", ".join(str(seed) for seed in confirmation["seeds"])
+    return f"Tuning, on validation over seeds {seeds}: {confirmation['why']}; `final` trains with trial " \
+           f"{confirmation['shipped']}'s params."
+
+
 def evaluate(cfg: Config) -> None:
     """Test-set predictions of every trained model (and each of its seed replicates) -> scikit-learn metrics with
     intervals, the replicates' mean and std, and the predictions `report` and `compare` pair up."""
@@ -405,9 +417,10 @@ def _stage_of(history: Path) -> str:
     return "train_final" if run == FINAL else f"train@{run}"
 
 
-def report(cfg: Config) -> None:
+def report(cfg: Config, tuned: Path | None = None) -> None:
     """reports/metrics.json for the final model, compare.md across models (each with its interval and its spread
-    over seeds, then every pair compared on the same test images), DVC plots and PNGs."""
+    over seeds, then every pair compared on the same test images; with `tuned`, the search the final model's params
+    came from), DVC plots and PNGs."""
     from pipeline import comparison, files, reporting
     from pipeline.comparison import Predictions
     from pipeline.evaluation import KEYS, LEVEL, METRIC_KEYS, RESAMPLES, shown, shown_spread, spread_metrics
@@ -419,7 +432,9 @@ def report(cfg: Config) -> None:
     fit = {run: files.read_json(RunPaths.of(run).metrics, remedy) for run in runs}
     # every input read and checked before anything is written: a bad one leaves every output as it was
     histories = {run: _read_history(RunPaths.of(run).history) for run in runs}
+    search = files.read_json(tuned, "run the tune stage first (`dvc repro tune`)") if tuned else None
     try:
+        tuning = f"{_tuning_line(search)}\n\n" if search else ""
         labels = {run: run_label(run, fit[run]["model"]) for run in runs}
         predictions = [Predictions.load(paths.eval_dir(run) / paths.PREDICTIONS, labels[run], remedy) for run in runs]
         rows = [[labels[run], *(shown(test[run], key) for key in METRIC_KEYS), seeds[run]["replicates"],
@@ -428,8 +443,8 @@ def report(cfg: Config) -> None:
         final = {key: test[FINAL][key] for key in KEYS} | spread_metrics(seeds[FINAL]) \
             | {"replicates": seeds[FINAL]["replicates"]}
     except (KeyError, TypeError) as err:
-        raise UserError(f"reports/eval or reports/train hold files of another version (no {err}); "
-                        "run `dvc repro -f evaluate` and the train stages again") from None
+        raise UserError(f"reports/eval, reports/train or {tuned or 'reports/tune'} hold files of another version "
+                        f"(no {err}); run `dvc repro -f tune evaluate` and the train stages again") from None
     pairs = comparison.compare(predictions, cfg.seed)
     header = ["model", *(key.replace("_", " ") for key in METRIC_KEYS), "seeds",
               *(f"{key.replace('_', ' ')} over seeds" for key in comparison.COMPARED), "parameters", "best epoch"]
@@ -443,7 +458,7 @@ def report(cfg: Config) -> None:
               "A verdict of \"better\" needs both; otherwise the difference is within what this test set and the "
               "seeds can move, and ± says the smallest difference it could resolve.")
     files.write_text(paths.COMPARE_MD, f"# Test-set comparison on {cfg.data.name}\n\n"
-                     + comparison.best_line(predictions, pairs) + "\n\n"
+                     + comparison.best_line(predictions, pairs) + f"\n\n{tuning}"
                      + reporting.markdown_table(header, rows) + f"\n{how}\n\n## Is A better than B?\n\n"
                      + reporting.markdown_table(comparison.TABLE_HEADER, comparison.table_rows(pairs))
                      + f"\n{paired}\n")
@@ -455,4 +470,4 @@ def report(cfg: Config) -> None:
     reporting.plot_curves(histories, paths.PLOTS_DIR / "curves.png")
     files.write_csv(paths.PLOTS_DIR / "curves.csv", reporting.LONG_CURVE_COLUMNS, reporting.long_curve_rows(histories))
     print(f"final model ({fit[FINAL]['model']}): " + ", ".join(f"{k} {shown(final, k)}" for k in METRIC_KEYS))
-    print(comparison.best_line(predictions, pairs).replace("**", ""))
+    print(comparison.best_line(predictions, pairs).replace("**", "") + (f"\n{tuning.strip()}" if tuning else ""))

@@ -35,6 +35,10 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     # the best model named, and every pair judged on the same images
     assert compare.count("Best: **") == 1 and "## Is A better than B?" in compare
     assert "| final (cnn) | logreg |" in compare or "| logreg | final (cnn) |" in compare
+    # where the final model's params come from, and whether they beat the untuned settings beyond the seeds' noise
+    confirmation = json.loads((repo_copy / "reports/tune/best_params.json").read_text())["confirmation"]
+    assert f"Tuning, on validation over seeds 42, 43, 44: {confirmation['why']}; `final` trains with trial " \
+           f"{confirmation['shipped']}'s params." in compare
     assert f"| {final['accuracy']:.4f} [{final['accuracy_ci95_low']:.3f}, {final['accuracy_ci95_high']:.3f}] |" \
         in compare
     assert (repo_copy / "reports/plots/confusion.png").stat().st_size > 1000

@@ -13,6 +13,8 @@ from pipeline.errors import UserError
 from pipeline.metrics import TIMING
 from pipeline.models import build_model
 
+from helpers import member
+
 CPU = torch.device("cpu")
 
 
@@ -116,6 +118,22 @@ def test_an_unreadable_resume_point_is_a_one_line_error_naming_it(digits, tiny_c
     assert str(checkpoints.path) in str(err.value) and "delete it" in str(err.value)
     assert "\n" not in str(err.value)
     assert checkpoints.path.read_bytes() == content  # left for the user to inspect or delete
+
+
+@pytest.mark.parametrize("window, ships", [(1, 2), (3, 6)])
+def test_the_epoch_that_ships_ends_the_best_window_of_validation_values(digits, tiny_cfg, window, ships):
+    """Epoch 2's val_loss is a lucky dip on a noisy curve: alone it is the best epoch, but the best 3-epoch mean
+    ends at epoch 6, which ships (its weights, and its mean as the run's score)."""
+    losses = [0.5, 0.1, 0.6, 0.3, 0.2, 0.2]
+    run = member(tiny_cfg.with_overrides({"train.epochs": len(losses), "train.monitor_window": window}), digits)
+    run.start(CPU)
+    for epoch, loss in enumerate(losses, 1):
+        with torch.no_grad():
+            next(run.model.parameters()).fill_(epoch)  # tells the epochs' weights apart
+        run.end_epoch((1.0, 0.5, 100), (loss, 0.9), 1.0)
+    assert run.result.best_epoch == ships
+    assert run.result.best_score == pytest.approx(sum(losses[ships - window:ships]) / window)
+    assert next(iter(run.result.best_state.values())).flatten()[0] == ships
 
 
 def test_early_stopping_stops_after_patience(digits, tiny_cfg):

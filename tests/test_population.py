@@ -107,7 +107,8 @@ def test_runs_that_differ_only_in_what_a_trial_has_of_its_own_are_fused(digits, 
     still one forward pass. A key listed there that the engine cannot fuse would split every population."""
     own = {"train.lr": 3e-3, "train.optimizer": "sgd", "train.momentum": 0.5, "train.nesterov": True,
            "train.weight_decay": 1e-3, "train.scheduler": "step", "train.step_size": 2, "train.gamma": 0.5,
-           "train.label_smoothing": 0.1, "train.grad_clip": 1.0, "train.patience": 2, "model.dropout": 0.3}
+           "train.label_smoothing": 0.1, "train.grad_clip": 1.0, "train.patience": 2, "train.monitor_window": 1,
+           "model.dropout": 0.3}
     assert set(own) == set(fusion.OWN_PER_RUN)
     augmented = {"data.augment.crop_padding": 1, "data.augment.rotation": 10.0, "data.augment.brightness": 0.2}
     runs = [member(tiny_cfg.with_overrides(overrides), digits)

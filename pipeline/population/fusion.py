@@ -29,7 +29,7 @@ from pipeline.loop import Run
 # its own from its own generator.
 OWN_PER_RUN = ("train.lr", "train.optimizer", "train.momentum", "train.nesterov", "train.weight_decay",
                "train.scheduler", "train.step_size", "train.gamma", "train.label_smoothing", "train.grad_clip",
-               "train.patience", "model.dropout")
+               "train.patience", "train.monitor_window", "model.dropout")
 OWN_PREFIXES = ("data.augment.",)
 
 
