@@ -84,8 +84,9 @@ def tuned() -> str:
     if not (REPO / paths.BEST_PARAMS).exists():
         return "none: the untuned settings"
     record = json.loads((REPO / paths.BEST_PARAMS).read_text())
-    return f"{paths.BEST_PARAMS}: trial {record['trial']}, " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float)
-                                                                      else f"{k}={v}" for k, v in record["params"].items())
+    shown = (f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+             for key, value in record["params"].items())
+    return f"{paths.BEST_PARAMS}: trial {record['trial']}, " + ", ".join(shown)
 
 
 def measure(name: str, overrides: list[str], seeds: int, prepared: data.PreparedData, window: int,

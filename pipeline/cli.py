@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="pass when each test metric lies within mean ± 2 std of the model's seed replicates "
                                 "instead of exactly (the default where exactness is not promised: CUDA without "
                                 "deterministic kernels)")
+    experiments = commands.add_parser("experiments", parents=[common],
+                                      help="DVC's experiments of HEAD in 120 columns: what each changed, the final "
+                                           "model's test accuracy, and whether it beats the baseline")
+    experiments.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table to FILE")
     compare = commands.add_parser("compare", parents=[common],
                                   help="is A better than B? every pair of results judged on the same test images")
     compare.add_argument("sources", nargs="+", metavar="RESULT",
@@ -173,6 +177,8 @@ def run(args: argparse.Namespace) -> None:
             commands.predict(cfg, args.images, args.model_uri)
         elif args.command == "reproduce":
             commands.reproduce(cfg, args.run_id, args.within_seeds)
+        elif args.command == "experiments":
+            commands.experiments(cfg, args.markdown)
         elif args.command == "compare":
             commands.compare(cfg, args.sources, args.markdown)
         elif args.command == "ui":

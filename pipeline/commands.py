@@ -136,6 +136,89 @@ def compare(cfg: Config, sources: list[str], markdown: Path | None = None) -> No
         files.write_text(markdown, f"# {' vs '.join(each.name for each in compared)}\n\n{text}")
 
 
+def experiments(cfg: Config, markdown: Path | None = None, width: int = 120) -> None:
+    """One row per DVC experiment of HEAD (read through dvc.api, as `dvc exp show` reads them), in `width` columns:
+    the params it changed from its baseline, the final model's test accuracy with its interval, and the difference
+    from the baseline on the same test images with its verdict (paired, Holm-corrected over the experiments)."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    from pipeline import comparison, files, reporting
+
+    try:
+        rows = dvc.api.exp_show()
+    except DvcException as err:
+        raise UserError(f"cannot read DVC's experiments: {first_line(err)}") from None
+    baseline = next((row for row in rows if row.get("typ") == "baseline" and row["rev"] != "workspace"), None)
+    named = [row for row in rows if row.get("Experiment") and row is not baseline]
+    if baseline is None or not named:
+        raise UserError("no DVC experiments of HEAD to show: run one, e.g. `dvc exp run -S train.epochs=5` "
+                        "(`dvc exp run --queue` and `--temp` leave the workspace alone)")
+    base_rev = baseline["rev"]
+    base_params = _flat(dvc.api.params_show(rev=base_rev))
+    table = [["baseline", f"HEAD ({base_rev})", *_accuracy(base_rev), "", ""]]
+    done, states = [], {}
+    with tempfile.TemporaryDirectory(prefix="experiments-") as scratch:
+        base = _predictions_of(cfg, f"{base_rev}:{FINAL}", Path(scratch) / "baseline")
+        for index, row in enumerate(named):
+            name, state = row["Experiment"], (row.get("State") or "").lower()
+            params = _flat(dvc.api.params_show(rev=name)) if state in ("", "success") else {}
+            changed = ", ".join(f"{key}={_shown_value(value)}" for key, value in params.items()
+                                if base_params.get(key, _MISSING) != value) or "(none)"
+            if state not in ("", "success"):
+                states[name] = (changed, state)
+                continue
+            predictions = _predictions_of(cfg, f"{name}:{FINAL}", Path(scratch) / str(index))
+            done.append((name, changed, dataclasses.replace(predictions, name=name)))
+        pairs = comparison.compare([dataclasses.replace(base, name="baseline"), *(p for _, _, p in done)], cfg.seed,
+                                   baseline="baseline")
+    for (name, changed, _), pair in zip(done, pairs):
+        sign = 1 if pair.better == name else -1
+        low, high = sorted(sign * bound for bound in pair.interval["accuracy"])
+        verdict = ("better" if sign > 0 else "worse") if pair.significant else \
+            "identical predictions" if (low, high) == (0.0, 0.0) else f"no sig. diff (±{pair.resolvable:.3f})"
+        table.append([name, changed, *_accuracy(name),
+                      f"{sign * pair.difference['accuracy']:+.4f} [{low:+.3f}, {high:+.3f}]", verdict])
+    table += [[name, changed, "", "", state] for name, (changed, state) in states.items()]
+    header = ["experiment", "changed params", "final test accuracy [95% CI]", "Δ vs baseline [95% CI]", "verdict"]
+    print(reporting.text_table(header, table, width, squeeze=1))
+    count = f"{len(done)} experiment{'s' * (len(done) != 1)}"
+    print(f"Δ: the final model's mean test accuracy over seeds minus the baseline's, on the same test images\n"
+          f"(images and seeds resampled); a verdict needs McNemar's test (Holm over {count}) and the interval.")
+    if markdown:
+        files.write_text(markdown, "# Experiments against HEAD\n\n" + reporting.markdown_table(header, table))
+
+
+_MISSING = object()
+
+
+def _flat(params: dict, prefix: str = "") -> dict:
+    """params.yaml's nested sections as dotted keys (the form `-S key=value` takes)."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown_value(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _accuracy(rev: str) -> list[str]:
+    """The final model's test accuracy with its interval at `rev`, as reports/metrics.json holds it."""
+    import dvc.api
+
+    metrics = dvc.api.metrics_show(str(paths.METRICS_JSON), rev=rev)
+    try:
+        return [f"{metrics['accuracy']:.4f} [{metrics['accuracy_ci95_low']:.3f}, "
+                f"{metrics['accuracy_ci95_high']:.3f}]"]
+    except KeyError:
+        return ["?"]
+
+
 def _predictions_of(cfg: Config, source: str, scratch: Path):
     from pipeline.comparison import Predictions
 

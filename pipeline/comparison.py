@@ -162,14 +162,18 @@ class Pair:
         return f"no significant difference (resolves ±{self.resolvable:.3f})"
 
 
-def compare(compared: list[Predictions], seed: int, resamples: int = RESAMPLES) -> list[Pair]:
-    """Every pair of `compared` (all on one test set), Holm-corrected over the pairs."""
+def compare(compared: list[Predictions], seed: int, resamples: int = RESAMPLES, baseline: str | None = None
+            ) -> list[Pair]:
+    """Every pair of `compared` (all on one test set), or with `baseline` (a name) each of the others against it;
+    Holm-corrected over the pairs."""
     from statsmodels.stats.multitest import multipletests
 
     same_test_set(compared)
     means = {p.name: mean_metrics(p) for p in compared}
     pairs = []
-    for first, second in combinations(compared, 2):
+    chosen = combinations(compared, 2) if baseline is None else \
+        [(first, second) for first in compared if first.name == baseline for second in compared if second is not first]
+    for first, second in chosen:
         a, b = (first, second) if means[first.name]["accuracy"] >= means[second.name]["accuracy"] else (second, first)
         draws = paired_bootstrap(a, b, seed, resamples)
         tail = ALPHA / 2 * 100

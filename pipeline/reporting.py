@@ -101,3 +101,19 @@ def save_figure(fig, path: Path) -> None:
     files.write_bytes(path, buffer.getvalue())
     fig.clear()
     pyplot().close(fig)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence], width: int, squeeze: int) -> str:
+    """Columns aligned for a terminal, at most `width` characters a line: column `squeeze` gives up what the others
+    leave over (its cells cut with "…")."""
+    from pipeline.errors import shorten
+
+    cells = [[str(value) for value in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    room = width - 2 * (len(header) - 1) - sum(w for i, w in enumerate(widths) if i != squeeze)
+    widths[squeeze] = max(min(widths[squeeze], room), len(header[squeeze]))
+    lines = []
+    for row in cells:
+        row[squeeze] = shorten(row[squeeze], widths[squeeze])
+        lines.append("  ".join(value.ljust(w) for value, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)

@@ -40,7 +40,8 @@ def world(tmp_path_factory):
 
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts}
+            for p in sorted(root.rglob("*")) if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts
+            and not p.relative_to(root).as_posix().startswith(".dvc/tmp/")}  # DVC's own scratch, as .git is git's
 
 
 def one_image_per_class(repo: Path) -> list[str]:
@@ -188,6 +189,7 @@ CASES = {
                                marks=[slow]),
     "meta.json corrupt": Case(["train"], "data/prepared/meta.json is corrupt",
                               setup=corrupt("data/prepared/meta.json", b"{\"classes\": [")),
+    "no experiments": Case(["experiments"], "no DVC experiments of HEAD to show: run one, e.g. `dvc exp run -S"),
     "eval metrics corrupt": Case(["report"], "reports/eval/logreg/metrics.json is corrupt",
                                  setup=corrupt("reports/eval/logreg/metrics.json")),
     "best params corrupt": Case(["train", "--final", "--tuned", "reports/tune/best_params.json"],

@@ -84,6 +84,17 @@ def test_a_clear_lead_is_better_a_two_image_lead_is_not_and_p_values_are_holm_co
                                                                               list(pairs.values()))
 
 
+def test_against_a_baseline_each_other_result_is_one_pair_holm_corrected_over_those_pairs_only():
+    """`experiments`: each experiment against HEAD, never against each other; Holm counts the experiments."""
+    base, better, same = predictions("base", 0.70, rng_seed=5), predictions("up", 0.95, rng_seed=6), \
+        predictions("same", 0.70, rng_seed=5)
+    pairs = comparison.compare([base, better, same], seed=42, baseline="base")
+    assert [{pair.better, pair.other} for pair in pairs] == [{"base", "up"}, {"base", "same"}]
+    up, tie = pairs
+    assert up.better == "up" and up.significant and tie.interval["accuracy"] == (0.0, 0.0)
+    assert up.p_holm == pytest.approx(min(1.0, 2 * up.p))  # the smaller p of two times 2
+
+
 def test_predictions_made_on_different_test_sets_are_refused():
     ours = predictions("ours", 0.9)
     other_data = predictions("theirs", 0.9, data_md5="e" * 32)

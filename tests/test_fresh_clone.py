@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 
 import optuna
@@ -65,6 +66,13 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     client, runs = stores(clone)
     roles = by_role(runs)
     study_run, = roles["study"]
+    # the confirmation: every candidate's params with each seed, nested under the study's run
+    candidates = json.loads((clone / "reports/tune/best_params.json").read_text())["confirmation"]["candidates"]
+    confirmed = roles["confirm"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in confirmed} == {study_run.info.run_id}
+    assert sorted((int(run.data.tags["optuna.trial"]), int(run.data.tags["replicate.seed"])) for run in confirmed) \
+        == sorted((each["trial"], seed) for each in candidates for seed in (42, 43, 44))
+    assert {run.data.tags["pipeline.confirm"] for run in confirmed} == {"true"}
     for trial in finished:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == study_run.info.run_id and run.info.status == "FINISHED"
@@ -103,6 +111,14 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     compared = run_cli("compare", "HEAD", "three-epochs", "HEAD:logreg", cwd=clone)
     assert compared.returncode == 0, compared.stderr
     assert {"HEAD:final", "three-epochs:final", "HEAD:logreg"} <= set(compared.stdout.replace("|", " ").split())
+    # the view a user compares experiments in: one row each within 120 columns, with a verdict against HEAD
+    listed = run_cli("experiments", cwd=clone)
+    assert listed.returncode == 0, listed.stderr
+    assert max(len(line) for line in listed.stdout.splitlines()) <= 120, listed.stdout
+    row, = [line for line in listed.stdout.splitlines() if line.startswith("three-epochs ")]
+    accuracy = recorded["metrics"]["reports/metrics.json"]["data"]["accuracy"]
+    assert "train.epochs=3" in row and f" {accuracy:.4f} [" in row, row
+    assert re.search(r"  (better|worse|no sig\. diff \(±0\.\d{3}\))$", row), row
 
     for command in (["exp", "show", "--drop", "models.*", "--json"], ["plots", "show", "-o", str(tmp_path / "p")]):
         shown = run_dvc(*command, cwd=clone)

@@ -3,9 +3,10 @@
 import optuna
 from optuna.trial import TrialState
 
-# lr 1e-6 learns nothing, so the pruner has something to prune
+# lr 1e-6 learns nothing, so the pruner has something to prune. No confirmation over seeds after the trials: these
+# searches test the trials (counts, workers, storages, kills); test_tuning and test_fresh_clone test confirming.
 TINY_SEARCH = {"comparison": ["logreg"], "model.name": "mlp", "tune.epochs": 3, "tune.startup_trials": 2,
-               "tune.warmup_epochs": 1, "tracking.log_models": False,
+               "tune.warmup_epochs": 1, "tracking.log_models": False, "tune.confirm": 0,
                "tune.space": {"train.lr": {"choices": [1.0e-6, 3.0e-3]}, "model.dropout": {"low": 0.0, "high": 0.3}}}
 CONTINUOUS = {"train.lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True}, "model.dropout": {"low": 0.0, "high": 0.5}}
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
