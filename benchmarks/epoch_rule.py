@@ -13,7 +13,7 @@ Every model trains its seeds as one population, as `train` does; after each epoc
 split with the run's weights (no randomness drawn, so training is the same with or without it). Each rule's
 shipped epoch is then looked up: mean and std over seeds of test accuracy and test loss, and each rule's paired
 difference from `best` with a 95% t interval over the seeds. Prints the table and writes it to docs/epoch-rule.md
-(with the machine and date that measured it) and every number to docs/bench/epoch-rule.json.
+(with the machine and date that measured it) and every number to docs/epoch-rule.json.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pipeline import data, loop, paths, population, processes, training  # noqa:
 from pipeline.config import load_config  # noqa: E402
 from pipeline.metrics import is_better  # noqa: E402
 
-OUT = REPO / "docs" / "bench" / "epoch-rule.json"
+OUT = REPO / "docs" / "epoch-rule.json"  # beside its page (docs/bench/ holds one file per device)
 PAGE = REPO / "docs" / "epoch-rule.md"
 
 
