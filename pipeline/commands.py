@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -255,7 +256,8 @@ def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, r
 
     Missing stores get their schema first (optuna-dashboard opens storage without creating tables). Each URL
     is printed once it answers; if either server exits, this says which and stops with an error. Server logs go
-    to files (their path is shown) unless --verbose.
+    to files (their path is shown) unless --verbose. Each server runs in a session of its own, so Ctrl-C reaches
+    this process only: it stops both, their worker processes included, and returns normally.
     """
     from pipeline import tracking, tuning
 
@@ -273,7 +275,8 @@ def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, r
     try:
         for name, (command, _) in servers.items():
             log = None if verbose else open(log_dir / f"{name.split()[0].lower()}.log", "w")
-            running[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None)
+            running[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None,
+                                             start_new_session=True)
         pending = dict(servers)
         deadline = time.monotonic() + ready_timeout_s
         while True:
@@ -291,14 +294,38 @@ def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, r
             if pending and time.monotonic() > deadline:
                 raise UserError(f"{', '.join(pending)} did not answer within {ready_timeout_s:g}s")
             time.sleep(0.3)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how a user stops the servers, not a failure
+        print("stopped both servers", file=sys.stderr)
     finally:
-        for process in running.values():
-            process.terminate()
-        for process in running.values():
+        _stop_sessions(list(running.values()))
+
+
+def _stop_sessions(processes: list[subprocess.Popen], grace_s: float = 10) -> None:
+    """Stop each process and everything it started (its session's process group): SIGTERM, then SIGKILL for
+    whatever is still there after `grace_s` (MLflow's server leaves worker processes behind its own exit)."""
+    import signal
+
+    def signal_groups(number: int) -> list[int]:
+        alive = []
+        for process in processes:
             try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, number)
+                alive.append(process.pid)
+            except ProcessLookupError:  # nothing of that session is left
+                pass
+        return alive
+
+    signal_groups(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        for process in processes:
+            process.poll()  # reaps a server that exited, so its group can empty
+        if not signal_groups(0):
+            return
+        time.sleep(0.1)
+    signal_groups(signal.SIGKILL)
+    for process in processes:
+        process.wait()
 
 
 def _answers(url: str) -> bool:

@@ -69,15 +69,9 @@ def test_other_training_code_has_another_resume_key(repo_copy):
 
 
 def test_ui_creates_a_missing_study_storage_shows_both_and_stops_when_one_dies(repo_copy, tmp_path):
-    import socket
     import urllib.request
 
     import psutil
-
-    def free_port():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
 
     mlflow_port, optuna_port = free_port(), free_port()
     storage = tmp_path / "missing" / "optuna.db"
@@ -105,6 +99,40 @@ def test_ui_creates_a_missing_study_storage_shows_both_and_stops_when_one_dies(r
             process.kill()
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if f"--port {mlflow_port}" in " ".join(p.info["cmdline"] or [])], "the MLflow UI was left running"
+
+
+def test_ctrl_c_on_ui_stops_both_servers_and_everything_they_started_and_exits_0(repo_copy, tmp_path):
+    """As a terminal sends Ctrl-C: SIGINT to the foreground process group (here, the one `ui` leads). MLflow's
+    server had left its worker processes running, and `make ui` ended in an error."""
+    import psutil
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    storage = f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(free_port()),
+                                "--optuna-port", str(free_port()), "--set", storage], cwd=repo_copy, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        shown = [process.stdout.readline() for _ in range(2)]
+        assert sorted(line.split(":")[0] for line in shown) == ["MLflow UI", "Optuna dashboard"], shown
+        started = psutil.Process(process.pid).children(recursive=True)
+        assert len(started) >= 2
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+        _, err = process.communicate(timeout=30)
+        assert "error" not in err.lower() and "Traceback" not in err, err
+        left = [each for each in started if each.is_running() and each.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [" ".join(each.cmdline()) for each in left]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_diverging_run_is_failed_with_one_line(prepared_repo, tracked_env):
