@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV)/bin)
 # DVC stages call `python -m pipeline`: put the venv first so they find it.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-fast ui bench bench-quick docs clean
+.PHONY: install repro test test-fast plots ui bench bench-quick docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: install
 # the edit loop: unit and CLI tests, no end-to-end pipelines (marked slow)
 test-fast: install
 	@$(call PYTEST,-m "not slow")
+
+# DVC's plots as one page that renders offline (dvc_plots/index.html; `dvc plots show` loads Vega from a CDN)
+plots: install
+	python -m pipeline plots
 
 # mlflow ui and optuna-dashboard on 127.0.0.1 against the repo's stores; Ctrl-C stops both.
 ui: install

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       help="DVC's experiments of HEAD in 120 columns: what each changed, the final "
                                            "model's test accuracy, and whether it beats the baseline")
     experiments.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table to FILE")
+    plots = commands.add_parser("plots", parents=[common],
+                                help="DVC's plots as one HTML page that renders offline (Vega inline, no CDN)")
+    plots.add_argument("revisions", nargs="*", metavar="REV", help="compare these git revisions or experiments "
+                       "(dvc plots diff); default: the workspace (dvc plots show)")
+    plots.add_argument("-o", "--out", type=Path, default=Path("dvc_plots"), help="folder of index.html")
     compare = commands.add_parser("compare", parents=[common],
                                   help="is A better than B? every pair of results judged on the same test images")
     compare.add_argument("sources", nargs="+", metavar="RESULT",
@@ -177,6 +182,8 @@ def run(args: argparse.Namespace) -> None:
             commands.predict(cfg, args.images, args.model_uri)
         elif args.command == "reproduce":
             commands.reproduce(cfg, args.run_id, args.within_seeds)
+        elif args.command == "plots":
+            commands.plots(args.out, args.revisions)
         elif args.command == "experiments":
             commands.experiments(cfg, args.markdown)
         elif args.command == "compare":

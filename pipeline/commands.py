@@ -251,6 +251,41 @@ def _is_run_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
+# DVC's page loads Vega from a CDN: a page of our own carries it inline. DVC's templates are Vega-Lite 5 specs.
+_PLOTS_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>DVC plots</title>
+<script>{bundle}</script>
+<style>table {{ border-spacing: 15px; }}</style>
+</head>
+<body>
+{{plot_divs}}
+</body>
+</html>
+"""
+VEGA_LITE = "5.20"
+
+
+def plots(out: Path, revisions: list[str]) -> None:
+    """`dvc plots show` (or `dvc plots diff REV...`) into `out`/index.html, rendering without a network: its page
+    carries Vega, Vega-Lite and Vega-Embed inline (vl-convert's bundle) instead of loading them from a CDN."""
+    import vl_convert
+
+    from pipeline import files
+
+    with tempfile.TemporaryDirectory(prefix="plots-") as scratch:
+        template = Path(scratch) / "page.html"
+        files.write_text(template, _PLOTS_PAGE.format(bundle=vl_convert.javascript_bundle(vl_version=VEGA_LITE)))
+        command = ["diff", *revisions] if revisions else ["show"]
+        done = subprocess.run([sys.executable, "-m", "dvc", "plots", *command, "--html-template", str(template),
+                               "-o", str(out)], capture_output=True, text=True)
+    if done.returncode:
+        raise UserError(f"dvc plots {command[0]} failed: {first_line(done.stderr.strip() or done.stdout)}")
+    print(f"{out / 'index.html'}: every plot, rendered offline (open it in a browser)")
+
+
 def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, ready_timeout_s: float = 120) -> None:
     """Serve the MLflow UI and optuna-dashboard on 127.0.0.1 against this repo's stores until Ctrl-C.
 

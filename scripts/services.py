@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL and MLflow tracking server on 127.0.0.1: for the tests, CI, and trying the
-multi-machine setup on one box.
+multi-machine setup on one box (and the headless chromium the tests render pages in).
 
-    python scripts/services.py install                            # apt-get install postgresql, if missing
+    python scripts/services.py install                            # apt-get install postgresql, chromium, if missing
     python scripts/services.py start DIR && . DIR/services.env   # the environment that points clients at them
     python scripts/services.py stop DIR                           # stops both and deletes DIR
 
@@ -63,6 +63,24 @@ def postgres_bin() -> Path:
         if not found:
             raise Unavailable("apt-get installed postgresql, but no initdb was found")
     return Path(found[-1]).resolve().parent
+
+
+def browser() -> str:
+    """Debian's chromium, installed first if missing: the tests render pages in it (headless)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise Unavailable("chromium is not installed, and installing it needs root and apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise Unavailable(f"{' '.join(command)} failed: {done.stderr.strip()[-300:]}")
+    found = shutil.which("chromium")
+    if not found:
+        raise Unavailable("apt-get installed chromium, but no chromium command was found")
+    return found
 
 
 def _as_server_user() -> list[str]:
@@ -200,6 +218,7 @@ def main() -> int:
     if args.action == "install":
         try:
             print(f"PostgreSQL: {postgres_bin()}")
+            print(f"chromium: {browser()}")
         except Unavailable as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -111,3 +111,24 @@ def by_role(runs):
     for run in runs:
         roles.setdefault(run.data.tags["pipeline.role"], []).append(run)
     return roles
+
+
+def browser() -> str:
+    """Debian's chromium (scripts/services.py install puts it there); the calling test is skipped without it, or
+    fails where PIPELINE_REQUIRE_SERVICES is set (CI)."""
+    import pytest
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        message = "chromium is not installed (python scripts/services.py install)"
+        pytest.fail(message) if os.environ.get("PIPELINE_REQUIRE_SERVICES") else pytest.skip(message)
+    return found
+
+
+def drawn_charts(chromium: str, page: Path) -> int:
+    """How many Vega charts a headless chromium draws on `page` (each a canvas or an SVG of marks)."""
+    import re
+
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                          "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    return len(re.findall(r'<canvas[^>]*>|<svg[^>]*class="marks"', dom))
