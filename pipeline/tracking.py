@@ -181,9 +181,16 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def runs_page(cfg: Config, base_url: str) -> str | None:
-    """The MLflow UI's page of this project's runs (its experiment's run table), or None before its first run."""
+    """The MLflow UI's page of this project's models (its experiment's run table, one row per model run, seed
+    replicates and trials folded away), best test accuracy first; None before the first run."""
+    from urllib.parse import quote, urlencode
+
     experiment = connect(cfg.tracking).get_experiment_by_name(cfg.tracking.experiment or cfg.data.name)
-    return f"{base_url}/#/experiments/{experiment.experiment_id}/runs" if experiment else None
+    if not experiment:
+        return None
+    view = urlencode({"searchFilter": "tags.`pipeline.level` = 'model'", "orderByKey": "metrics.`test_accuracy`",
+                      "orderByAsc": "false"}, quote_via=quote)
+    return f"{base_url}/#/experiments/{experiment.experiment_id}/runs?{view}"
 
 
 # ---------------------------------------------------------------- processes and orphans

@@ -106,14 +106,27 @@ def test_ctrl_c_on_ui_stops_both_servers_and_everything_they_started_and_exits_0
     server had left its worker processes running, and `make ui` ended in an error."""
     import psutil
 
+    from helpers import browser
+
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     storage = f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}"
+    # a model's run with a test metric, and one of its seed replicates: the link ui prints lists the models
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.create_experiment("digits", tags={"mlflow.experimentKind": "custom_model_development"})
+    model = client.create_run(experiment, run_name="cnn-model-run", tags={"pipeline.level": "model"})
+    client.log_metric(model.info.run_id, "test_accuracy", 0.99)
+    client.create_run(experiment, run_name="cnn-seed-run", tags={"pipeline.level": "replicate"})
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(free_port()),
                                 "--optuna-port", str(free_port()), "--set", storage], cwd=repo_copy, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         shown = [process.stdout.readline() for _ in range(2)]
         assert sorted(line.split(":")[0] for line in shown) == ["MLflow UI", "Optuna dashboard"], shown
+        link, = [line.split("this project's runs: ")[1].rstrip(")\n") for line in shown if "project's runs" in line]
+        # what a browser shows there (MLflow's UI is a JavaScript app: only a browser runs it)
+        page = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+                               "--dump-dom", link], capture_output=True, text=True, timeout=120).stdout
+        assert "cnn-model-run" in page and "cnn-seed-run" not in page and "test_accuracy" in page
         started = psutil.Process(process.pid).children(recursive=True)
         assert len(started) >= 2
         os.killpg(process.pid, signal.SIGINT)
