@@ -155,7 +155,7 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
         distributed.shutdown(world)
     best = results[ships].best
     which = f" (seed {cfg.seed + ships}, the best of {cfg.replicates} on {cfg.train.monitor})" if several else ""
-    print(f"[{run_name}] best epoch {results[ships].best_epoch}: val_accuracy {best.val_accuracy:.4f} "
+    print(f"[{run_name}] ships epoch {results[ships].best_epoch}: val_accuracy {best.val_accuracy:.4f} "
           f"val_loss {best.val_loss:.4f} -> {run_paths.model}{which}")
     return parent.run_id if parent else None
 
@@ -447,7 +447,7 @@ def report(cfg: Config, tuned: Path | None = None) -> None:
                         f"(no {err}); run `dvc repro -f tune evaluate` and the train stages again") from None
     pairs = comparison.compare(predictions, cfg.seed)
     header = ["model", *(key.replace("_", " ") for key in METRIC_KEYS), "seeds",
-              *(f"{key.replace('_', ' ')} over seeds" for key in comparison.COMPARED), "parameters", "best epoch"]
+              *(f"{key.replace('_', ' ')} over seeds" for key in comparison.COMPARED), "parameters", "epoch shipped"]
     how = (f"Each value is the shipped model's (the best of its seeds on validation), with its {LEVEL:.0%} "
            f"interval [low, high]: a seeded bootstrap over the {final['images']} test images ({RESAMPLES:,} "
            "resamples), how far another test set of this size could move it. The columns over seeds give the mean "
