@@ -68,60 +68,58 @@ def test_other_training_code_has_another_resume_key(repo_copy):
     assert code_version(repo_copy) != before
 
 
-def test_ui_creates_a_missing_study_storage_shows_both_and_stops_when_one_dies(repo_copy, tmp_path):
-    import urllib.request
+def test_ui_stops_with_one_line_naming_the_server_that_could_not_start(repo_copy, tmp_path):
+    """optuna-dashboard's port is taken: ui names it in one line (exit 2) and leaves no MLflow UI running."""
+    import socket
 
     import psutil
 
-    mlflow_port, optuna_port = free_port(), free_port()
-    storage = tmp_path / "missing" / "optuna.db"
-    storage.parent.mkdir()
+    mlflow_port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
-                                "--optuna-port", str(optuna_port), "--set", f"tune.storage=sqlite:///{storage}"],
-                               cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        shown = [process.stdout.readline() for _ in range(2)]
-        assert sorted(line.split(":")[0] for line in shown) == ["MLflow UI", "Optuna dashboard"], shown
-        for port, path in ((optuna_port, "/api/studies"), (mlflow_port, "/")):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-                assert response.status == 200
-        dashboard, = [child for child in psutil.Process(process.pid).children()
-                      if "optuna-dashboard" in " ".join(child.cmdline())]
-        dashboard.kill()
-        assert process.wait(timeout=30) == 2
-        out, err = process.communicate(timeout=30)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: Optuna dashboard was killed (signal 9)"), err
-        assert "GET /" not in out + err  # access logs stay out of the terminal
-    finally:
-        if process.poll() is None:
-            process.kill()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = subprocess.run([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
+                                  "--optuna-port", str(taken.getsockname()[1]),
+                                  "--set", f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}"],
+                                 cwd=repo_copy, env=env, capture_output=True, text=True, timeout=120)
+    lines = process.stderr.strip().splitlines()
+    assert process.returncode == 2 and len(lines) == 1, process.stderr
+    assert lines[0].startswith("error: Optuna dashboard exited with code ") and "its log: " in lines[0]
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if f"--port {mlflow_port}" in " ".join(p.info["cmdline"] or [])], "the MLflow UI was left running"
 
 
-def test_ctrl_c_on_ui_stops_both_servers_and_everything_they_started_and_exits_0(repo_copy, tmp_path):
-    """As a terminal sends Ctrl-C: SIGINT to the foreground process group (here, the one `ui` leads). MLflow's
-    server had left its worker processes running, and `make ui` ended in an error."""
+def test_ui_serves_both_links_to_the_models_and_ctrl_c_stops_everything_it_started(repo_copy, tmp_path):
+    """ui creates a missing study storage, serves both (the printed MLflow link lists the project's models, as a
+    browser shows it), and stops as a terminal's Ctrl-C asks: SIGINT to the foreground process group (here, the
+    one `ui` leads). MLflow's server had left its worker processes running, and `make ui` ended in an error."""
+    import urllib.request
+
     import psutil
 
     from helpers import browser
 
+    storage = tmp_path / "missing" / "optuna.db"
+    storage.parent.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    storage = f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}"
     # a model's run with a test metric, and one of its seed replicates: the link ui prints lists the models
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.create_experiment("digits", tags={"mlflow.experimentKind": "custom_model_development"})
     model = client.create_run(experiment, run_name="cnn-model-run", tags={"pipeline.level": "model"})
     client.log_metric(model.info.run_id, "test_accuracy", 0.99)
     client.create_run(experiment, run_name="cnn-seed-run", tags={"pipeline.level": "replicate"})
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(free_port()),
-                                "--optuna-port", str(free_port()), "--set", storage], cwd=repo_copy, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    mlflow_port, optuna_port = free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
+                                "--optuna-port", str(optuna_port), "--set", f"tune.storage=sqlite:///{storage}"],
+                               cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
         shown = [process.stdout.readline() for _ in range(2)]
         assert sorted(line.split(":")[0] for line in shown) == ["MLflow UI", "Optuna dashboard"], shown
+        for port, path in ((optuna_port, "/api/studies"), (mlflow_port, "/")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                assert response.status == 200
         link, = [line.split("this project's runs: ")[1].rstrip(")\n") for line in shown if "project's runs" in line]
         # what a browser shows there (MLflow's UI is a JavaScript app: only a browser runs it)
         page = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
@@ -131,8 +129,9 @@ def test_ctrl_c_on_ui_stops_both_servers_and_everything_they_started_and_exits_0
         assert len(started) >= 2
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=30) == 0
-        _, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=30)
         assert "error" not in err.lower() and "Traceback" not in err, err
+        assert "GET /" not in out + err  # access logs stay out of the terminal
         left = [each for each in started if each.is_running() and each.status() != psutil.STATUS_ZOMBIE]
         assert not left, [" ".join(each.cmdline()) for each in left]
     finally:
