@@ -1,6 +1,7 @@
 """The Optuna stage on real storages (SQLite, journal file) and a real MLflow store, tiny settings."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -25,7 +26,9 @@ def test_tune_writes_best_params_with_nested_mlflow_runs(search_repo, tracked_en
     assert study.study_name.startswith("digits-mlp-") and study.metric_names == ["val_loss"]
     assert len(study.trials) == 6 and TrialState.PRUNED in states(study)
     for line in (line for line in result.stdout.splitlines() if line.startswith("[tune] trial")):
-        assert ("COMPLETE val_loss" in line or "PRUNED   val_loss" in line) and "s  train.lr=" in line
+        # the epochs it trained and their time (not its wait for a place in a population), then its params
+        assert re.match(r"\[tune\] trial +\d+ (COMPLETE|PRUNED  ) val_loss \d+\.\d{4}(| at epoch \d+), \d+ epochs? in "
+                        r"\d+\.\ds( in a population of up to \d+)?  train\.lr=", line), line
 
     best = json.loads((repo / "reports/tune/best_params.json").read_text())
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import time
 from typing import Any
 
 import optuna
@@ -76,16 +75,14 @@ class TrialRun:
         self.search, self.trial, self.trial_id = search, trial, number
         self.params = suggest(trial, search.cfg.tune.space)
         self.cfg = trial_config(search.cfg, self.params)
-        self.run = self.pruning = None
+        self.run = self.pruning = self.trained = None
         self.alone = False  # trains one at a time, whatever tune.population says (see `start`)
-        self.tick = time.perf_counter()
         self._closing = contextlib.ExitStack()
         trial.set_user_attr("threads", torch.get_num_threads())  # shapes its numbers (summation order); see config
 
     def start(self) -> loop.Run:
         """The trial as a run of the loop: its model, batches and callbacks."""
         search, cfg, trial = self.search, self.cfg, self.trial
-        self.tick = time.perf_counter()
         model, train_batches, val_batches = training.setup(cfg, search.prepared, search.device)
         self.run = self._closing.enter_context(training.tracked_run(
             cfg, f"{search.study.study_name}-trial-{trial.number:03d}", "trial", search.prepared.md5,
@@ -98,9 +95,9 @@ class TrialRun:
         # tracking first: a pruned trial's last epoch must still reach MLflow
         self.pruning = OptunaPruning(trial, cfg.tune.metric)
         callbacks = ([self.run.metrics] if self.run else []) + [self.pruning]
-        trained = loop.Run(model, cfg.train, train_batches, val_batches, callbacks, key=self)
-        self.alone = population.alone(trained, search.device, search.prepared.input_shape[1:])
-        return trained
+        self.trained = loop.Run(model, cfg.train, train_batches, val_batches, callbacks, key=self)
+        self.alone = population.alone(self.trained, search.device, search.prepared.input_shape[1:])
+        return self.trained
 
     def finish(self, result: loop.FitResult | None, error: BaseException | None) -> None:
         """Close the MLflow run, tell the study how the trial ended, print its line."""
@@ -125,9 +122,17 @@ class TrialRun:
                 state, note = told.state, "judged dead by another worker (late heartbeats); its result is dropped"
                 value = None
             shown = f"{metric} {value:.4f}" if value is not None else note
-            print(f"[tune] trial {trial.number:>3} {state.name:<8} {shown} in {time.perf_counter() - self.tick:.1f}s"
-                  "  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in self.params.items()), flush=True)
+            print(f"[tune] trial {trial.number:>3} {state.name:<8} {shown}, {self._trained()}  " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items()), flush=True)
+
+    def _trained(self) -> str:
+        """How long the trial trained (its epochs' time, not its wait for a place in a population), and whether
+        it trained in company."""
+        history = self.trained.history if self.trained else []
+        seconds = sum(m.epoch_seconds for m in history)
+        company = f" in a population of up to {self.search.population}" \
+            if self.search.population > 1 and not self.alone else ""
+        return f"{len(history)} epoch{'s' * (len(history) != 1)} in {seconds:.1f}s{company}"
 
 
 class SharedParams:
