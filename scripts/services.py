@@ -46,19 +46,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def apt_install(package: str, what: str) -> None:
+    """Debian's `package`, with apt-get (which needs root)."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise Unavailable(f"{what} is not installed, and installing it needs root and apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise Unavailable(f"{' '.join(command)} failed: {done.stderr.strip()[-300:]}")
+
+
 def postgres_bin() -> Path:
     """The directory of initdb/pg_ctl, installing Debian's postgresql package first if there is none."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found and shutil.which("initdb"):
         found = [shutil.which("initdb")]
     if not found:
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            raise Unavailable("PostgreSQL is not installed, and installing it needs root and apt-get")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise Unavailable(f"{' '.join(command)} failed: {done.stderr.strip()[-300:]}")
+        apt_install("postgresql", "PostgreSQL")
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not found:
             raise Unavailable("apt-get installed postgresql, but no initdb was found")
@@ -70,13 +75,7 @@ def browser() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found:
         return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise Unavailable("chromium is not installed, and installing it needs root and apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise Unavailable(f"{' '.join(command)} failed: {done.stderr.strip()[-300:]}")
+    apt_install("chromium", "chromium")
     found = shutil.which("chromium")
     if not found:
         raise Unavailable("apt-get installed chromium, but no chromium command was found")
