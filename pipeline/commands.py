@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.config import Config
+from pipeline.config import Config, flatten
 from pipeline.errors import CheckFailed, UserError, first_line
 from pipeline.paths import FINAL, RunPaths
 
@@ -156,14 +156,14 @@ def experiments(cfg: Config, markdown: Path | None = None, width: int = 120) -> 
         raise UserError("no DVC experiments of HEAD to show: run one, e.g. `dvc exp run -S train.epochs=5` "
                         "(`dvc exp run --queue` and `--temp` leave the workspace alone)")
     base_rev = baseline["rev"]
-    base_params = _flat(dvc.api.params_show(rev=base_rev))
+    base_params = flatten(dvc.api.params_show(rev=base_rev))
     table = [["baseline", f"HEAD ({base_rev})", *_accuracy(base_rev), "", ""]]
     done, states = [], {}
     with tempfile.TemporaryDirectory(prefix="experiments-") as scratch:
         base = _predictions_of(cfg, f"{base_rev}:{FINAL}", Path(scratch) / "baseline")
         for index, row in enumerate(named):
             name, state = row["Experiment"], (row.get("State") or "").lower()
-            params = _flat(dvc.api.params_show(rev=name)) if state in ("", "success") else {}
+            params = flatten(dvc.api.params_show(rev=name)) if state in ("", "success") else {}
             changed = ", ".join(f"{key}={_shown_value(value)}" for key, value in params.items()
                                 if base_params.get(key, _MISSING) != value) or "(none)"
             if state not in ("", "success"):
@@ -191,17 +191,6 @@ def experiments(cfg: Config, markdown: Path | None = None, width: int = 120) -> 
 
 
 _MISSING = object()
-
-
-def _flat(params: dict, prefix: str = "") -> dict:
-    """params.yaml's nested sections as dotted keys (the form `-S key=value` takes)."""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict) and value:
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _shown_value(value) -> str:

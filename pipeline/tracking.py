@@ -42,7 +42,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import files, paths, processes
-from pipeline.config import Config, TrackingConfig
+from pipeline.config import Config, TrackingConfig, flatten
 from pipeline.errors import UserError, first_line, redact
 from pipeline.loop import Callback
 from pipeline.metrics import EpochMetrics, NAMES, is_better
@@ -370,7 +370,7 @@ class TrackedRun:
             name = self.cfg.tracking.experiment or self.cfg.data.name
             run = self.client.create_run(experiment_id(self.client, name), run_name=self.name, tags=tags)
             self.run_id = run.info.run_id
-            params = [Param(key, str(value)) for key, value in _flat(self.cfg.public()).items()]
+            params = [Param(key, str(value)) for key, value in flatten(self.cfg.public()).items()]
             for start in range(0, len(params), 100):  # log_batch takes up to 100 params
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
         self.metrics = RunMetrics(self.client, self.run_id, self.cfg.tracking.flush_every_s)
@@ -457,12 +457,6 @@ class TrackedRun:
             for key, value in {**selection, "data.md5": self.data_md5, "run_id": self.run_id}.items():
                 self.client.set_model_version_tag(registered_name, version, key, str(value))
             mark_best_version(self.client, registered_name, self.cfg.train.monitor, self.data_md5)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    from pipeline.config import flatten
-
-    return flatten(tree, prefix)
 
 
 def run_exists(client: MlflowClient, run_id: str) -> bool:
