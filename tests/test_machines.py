@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 N_TRIALS = 8
 # cheap trials: the test is about the storage, the lock and the server, on a 2-core machine running 12 processes
-SEARCH = {"comparison": ["logreg"], "model.name": "mlp", "tune.epochs": 2, "tune.warmup_epochs": 2,
+# (and no confirmation over seeds after them: each machine would retrain the candidates; test_tuning tests it)
+SEARCH = {"comparison": ["logreg"], "model.name": "mlp", "tune.epochs": 2, "tune.warmup_epochs": 2, "tune.confirm": 0,
           "tune.startup_trials": 2, "tune.n_trials": N_TRIALS, "tune.heartbeat_interval": 2, "tune.grace_period": 10,
           "tracking.log_models": False,
           "tune.space": {"train.lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True},

@@ -8,7 +8,9 @@ from helpers import edit_params, git, run_cli, run_dvc, stores, write_digit_fold
 
 pytestmark = pytest.mark.slow
 
-TINY = {"train.epochs": 2, "comparison": ["logreg"], "tune.n_trials": 3, "tune.epochs": 2, "tune.startup_trials": 1}
+# no confirmation over seeds after the search: test_fresh_clone runs the default one end to end
+TINY = {"train.epochs": 2, "comparison": ["logreg"], "tune.n_trials": 3, "tune.epochs": 2, "tune.startup_trials": 1,
+        "tune.confirm": 0}
 UNTRACKED = {**TINY, "tracking.enabled": False}  # for tests about something else: MLflow costs ~3 s a process
 
 
