@@ -27,6 +27,7 @@ BEST_PARAMS = TUNE_DIR / "best_params.json"
 TRIALS_CSV = TUNE_DIR / "trials.csv"
 TUNE_PLOTS = TUNE_DIR / "plots"
 METRICS_JSON = REPORTS_DIR / "metrics.json"
+MODELS_JSON = REPORTS_DIR / "models.json"  # every model's test metrics, as DVC metrics (columns <model>.<metric>)
 COMPARE_MD = REPORTS_DIR / "compare.md"
 PLOTS_DIR = REPORTS_DIR / "plots"
 

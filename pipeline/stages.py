@@ -442,6 +442,11 @@ def report(cfg: Config, tuned: Path | None = None) -> None:
                  f"{fit[run]['parameters']:,}", fit[run]["best_epoch"]] for run in runs]
         final = {key: test[FINAL][key] for key in KEYS} | spread_metrics(seeds[FINAL]) \
             | {"replicates": seeds[FINAL]["replicates"]}
+        # each model's headline numbers, keyed by model, so `dvc metrics diff` and `dvc exp show` show them in
+        # short columns (logreg.accuracy, ...); compare.md has the rest
+        models = {run: {key: test[run][key] for key in ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high",
+                                                          "f1_macro")} | {"accuracy_mean": seeds[run]["accuracy_mean"]}
+                  for run in runs}
     except (KeyError, TypeError) as err:
         raise UserError(f"reports/eval, reports/train or {tuned or 'reports/tune'} hold files of another version "
                         f"(no {err}); run `dvc repro -f tune evaluate` and the train stages again") from None
@@ -463,6 +468,7 @@ def report(cfg: Config, tuned: Path | None = None) -> None:
                      + reporting.markdown_table(comparison.TABLE_HEADER, comparison.table_rows(pairs))
                      + f"\n{paired}\n")
     files.write_json(paths.METRICS_JSON, final)
+    files.write_json(paths.MODELS_JSON, models)
 
     # the final model's predictions and confusion matrix as `evaluate` wrote them, where DVC's plots expect them
     files.copy_file(paths.eval_dir(FINAL) / "predictions.csv", paths.PLOTS_DIR / "confusion.csv")

@@ -43,6 +43,7 @@ def test_outputs_are_the_paths_the_code_writes():
     outs = {next(iter(out)) if isinstance(out, dict) else out
             for stage in DVC.values() for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])}
     for path in (paths.SAMPLES_PNG, paths.BEST_PARAMS, paths.TRIALS_CSV, paths.TUNE_PLOTS, paths.METRICS_JSON,
+                 paths.MODELS_JSON,
                  paths.COMPARE_MD, paths.PLOTS_DIR / "curves.csv", paths.PLOTS_DIR / "confusion.csv",
                  paths.PREPARED_DIR, paths.eval_dir("x").parent):
         assert str(path) in outs, path

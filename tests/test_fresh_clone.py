@@ -31,6 +31,11 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     final = json.loads((repo_copy / "reports/metrics.json").read_text())
     assert list(final)[:len(KEYS)] == list(KEYS) and METRIC_KEYS <= set(final)  # each with its 95% interval
     assert final["replicates"] == 3 and {f"{key}_{stat}" for key in METRIC_KEYS for stat in ("mean", "std")} <= set(final)
+    # every model's test numbers are DVC metrics too (dvc metrics diff), keyed by model for short columns
+    models = json.loads((repo_copy / "reports/models.json").read_text())
+    assert set(models) == {"logreg", "final"} and models["final"]["accuracy"] == final["accuracy"]
+    shown = json.loads(run_dvc("metrics", "show", "--json", cwd=repo_copy).stdout)
+    assert shown[""]["data"]["reports/models.json"]["data"]["logreg"] == models["logreg"]
     compare = (repo_copy / "reports/compare.md").read_text()
     assert "| logreg |" in compare and "| final (cnn) |" in compare and "seconds" not in compare
     # the best model named, and every pair judged on the same images
