@@ -158,17 +158,17 @@ def experiments(cfg: Config, markdown: Path | None = None, width: int = 120) -> 
     base_rev = baseline["rev"]
     base_params = flatten(dvc.api.params_show(rev=base_rev))
     table = [["baseline", f"HEAD ({base_rev})", *_accuracy(base_rev), "", ""]]
-    done, states = [], {}
+    done, unfinished = [], []
     with tempfile.TemporaryDirectory(prefix="experiments-") as scratch:
         base = _predictions_of(cfg, f"{base_rev}:{FINAL}", Path(scratch) / "baseline")
         for index, row in enumerate(named):
             name, state = row["Experiment"], (row.get("State") or "").lower()
-            params = flatten(dvc.api.params_show(rev=name)) if state in ("", "success") else {}
+            if state not in ("", "success"):  # queued, running or failed: no outputs to judge yet
+                unfinished.append([name, "", "", "", state])
+                continue
+            params = flatten(dvc.api.params_show(rev=name))
             changed = ", ".join(f"{key}={_shown_value(value)}" for key, value in params.items()
                                 if base_params.get(key, _MISSING) != value) or "(none)"
-            if state not in ("", "success"):
-                states[name] = (changed, state)
-                continue
             predictions = _predictions_of(cfg, f"{name}:{FINAL}", Path(scratch) / str(index))
             done.append((name, changed, dataclasses.replace(predictions, name=name)))
         pairs = comparison.compare([dataclasses.replace(base, name="baseline"), *(p for _, _, p in done)], cfg.seed,
@@ -180,7 +180,7 @@ def experiments(cfg: Config, markdown: Path | None = None, width: int = 120) -> 
             "identical predictions" if (low, high) == (0.0, 0.0) else f"no sig. diff (±{pair.resolvable:.3f})"
         table.append([name, changed, *_accuracy(name),
                       f"{sign * pair.difference['accuracy']:+.4f} [{low:+.3f}, {high:+.3f}]", verdict])
-    table += [[name, changed, "", "", state] for name, (changed, state) in states.items()]
+    table += unfinished
     header = ["experiment", "changed params", "final test accuracy [95% CI]", "Δ vs baseline [95% CI]", "verdict"]
     print(reporting.text_table(header, table, width, squeeze=1))
     count = f"{len(done)} experiment{'s' * (len(done) != 1)}"
