@@ -380,15 +380,3 @@ def progress(batches, description: str, total: int | None = None):
     from tqdm import tqdm
 
     return tqdm(batches, desc=description, total=total or len(batches), leave=False, dynamic_ncols=True)
-
-
-class ConsoleLog(Callback):
-    """One plain line per epoch: readable in CI logs and `dvc repro` output."""
-
-    def __init__(self, name: str, epochs: int):
-        self.name, self.epochs = name, epochs
-
-    def on_epoch_end(self, m: EpochMetrics) -> None:
-        print(f"[{self.name}] epoch {m.epoch:>3}/{self.epochs} train_loss {m.train_loss:.4f} "
-              f"train_acc {m.train_accuracy:.4f} val_loss {m.val_loss:.4f} val_acc {m.val_accuracy:.4f} "
-              f"lr {m.lr:.2e} {m.epoch_seconds:.2f}s", flush=True)

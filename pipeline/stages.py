@@ -109,6 +109,7 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
     """
     from pipeline import data, devices, distributed, loop, training
 
+    training.log_seconds()  # a bad PIPELINE_LOG_SECONDS fails before anything starts
     run_paths = run_paths or RunPaths.of(run_name)
     prepared = data.load_prepared(paths.PREPARED_DIR)
     world, device = distributed.init(devices.resolve_device(cfg.train.device))
@@ -186,7 +187,7 @@ def _track_replicates(cfg, run_name, name, runs, data_md5, tracked: contextlib.E
         if own:
             run.checkpoints.meta |= {"mlflow_run_id": own.run_id, "mlflow_parent_run_id": parent.run_id}
         label = f"{run_name} seed {member.seed}" if several else run_name
-        run.callbacks = [loop.ConsoleLog(label, cfg.train.epochs)] + ([own.metrics] if own else [])
+        run.callbacks = [training.ConsoleLog(label, cfg.train.epochs)] + ([own.metrics] if own else [])
         own_runs.append(own)
     return parent, own_runs
 
@@ -279,8 +280,7 @@ def tuned(cfg: Config, best_params: Path) -> Config:
 
     record = files.read_json(best_params, "run `python -m pipeline tune` (or `dvc repro tune`) to write it")
     try:
-        why = f" ({record['confirmation']['why']})" if "confirmation" in record else ""
-        print(f"[final] using trial {record['trial']} of study {record['study']}: {record['params']}{why}")
+        print(f"[final] trains with trial {record['trial']}'s params (study {record['study']}, {best_params})")
         return cfg.with_overrides(record["params"])
     except (KeyError, TypeError, AttributeError):
         raise UserError(f"{best_params} is not a search's best-params record; run `dvc repro -f tune` to "
@@ -476,4 +476,4 @@ def report(cfg: Config, tuned: Path | None = None) -> None:
     reporting.plot_curves(histories, paths.PLOTS_DIR / "curves.png")
     files.write_csv(paths.PLOTS_DIR / "curves.csv", reporting.LONG_CURVE_COLUMNS, reporting.long_curve_rows(histories))
     print(f"final model ({fit[FINAL]['model']}): " + ", ".join(f"{k} {shown(final, k)}" for k in METRIC_KEYS))
-    print(comparison.best_line(predictions, pairs).replace("**", "") + (f"\n{tuning.strip()}" if tuning else ""))
+    print(comparison.best_line(predictions, pairs).replace("**", ""))  # the tuning line: tune said it

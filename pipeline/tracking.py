@@ -449,14 +449,29 @@ class TrackedRun:
             python_model=str(SERVING_CODE), artifacts={WEIGHTS: str(model_file)},
             code_paths=[str(Path(pipeline.__file__).parent)],
             signature=infer_signature(example, probabilities), input_example=example,
-            registered_model_name=registered_name,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
         if registered_name:
-            version = str(info.registered_model_version)
+            version = _register_quietly(info.model_uri, registered_name)
             for key, value in {**selection, "data.md5": self.data_md5, "run_id": self.run_id}.items():
                 self.client.set_model_version_tag(registered_name, version, key, str(value))
             mark_best_version(self.client, registered_name, self.cfg.train.monitor, self.data_md5)
+
+
+def _register_quietly(model_uri: str, name: str) -> str:
+    """A new version of registered model `name`; MLflow's routine lines about it (the model exists, the version
+    was created) would be two lines per stage run, so they are dropped and any other line goes on to stderr."""
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        version = mlflow.register_model(model_uri, name).version
+    routine = (f"Registered model {name!r} already exists.", f"Successfully registered model '{name}'.",
+               f"Created version '{version}' of model '{name}'.")
+    for line in said.getvalue().splitlines():
+        if not line.startswith(routine):
+            print(line, file=sys.stderr)
+    return str(version)
 
 
 def run_exists(client: MlflowClient, run_id: str) -> bool:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
+import os
+import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -19,7 +23,9 @@ import torch
 from pipeline import data, devices, distributed, loop, models
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.metrics import is_better
+from pipeline.metrics import EpochMetrics, is_better
+
+LOG_SECONDS = "PIPELINE_LOG_SECONDS"
 
 
 def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
@@ -110,3 +116,57 @@ def tracked_run(cfg: Config, name: str, role: str, data_md5: str, **options):
     from pipeline import tracking
 
     return tracking.TrackedRun(cfg, name, role, data_md5, **options)
+
+
+def log_seconds() -> float:
+    """PIPELINE_LOG_SECONDS: in logs, the least time between two of a run's epoch lines (default 30; 0: every
+    epoch)."""
+    raw = os.environ.get(LOG_SECONDS, "30")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0 or math.isinf(seconds):
+        raise UserError(f"{LOG_SECONDS}={raw!r} is not a number of seconds: set it to 0 (a line every epoch) or more")
+    return seconds
+
+
+class ConsoleLog(loop.Callback):
+    """Where a run stands, at a rate a reader can follow. On a terminal: a bar per run (epochs done, the latest
+    validation numbers) that stays as the run's one line when it ends. In logs (CI, `dvc repro | tee`): an epoch's
+    line once `every` seconds have passed since the run's last one, and the last epoch's if it printed any before;
+    a short run prints none (its stage's summary says how it went)."""
+
+    def __init__(self, name: str, epochs: int, every: float | None = None, terminal: bool | None = None,
+                 clock=time.monotonic):
+        self.name, self.epochs, self.clock = name, epochs, clock
+        self.every = log_seconds() if every is None else every
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar, self.printed, self.last = None, 0, clock()  # printed: the last epoch shown
+
+    def on_fit_start(self, model, history: list[EpochMetrics]) -> None:
+        self.last = self.clock()
+        if self.terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.epochs, initial=len(history), desc=f"[{self.name}]", unit="epoch",
+                            dynamic_ncols=True)
+
+    def on_epoch_end(self, m: EpochMetrics) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(val_loss=f"{m.val_loss:.4f}", val_acc=f"{m.val_accuracy:.4f}", refresh=False)
+            self.bar.update(1)
+        elif self.clock() - self.last >= self.every:
+            self._line(m)
+
+    def on_fit_end(self, result: loop.FitResult) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.printed and self.printed != result.history[-1].epoch:  # a long run's log ends with its end
+            self._line(result.history[-1])
+
+    def _line(self, m: EpochMetrics) -> None:
+        print(f"[{self.name}] epoch {m.epoch:>3}/{self.epochs} train_loss {m.train_loss:.4f} "
+              f"train_acc {m.train_accuracy:.4f} val_loss {m.val_loss:.4f} val_acc {m.val_accuracy:.4f} "
+              f"lr {m.lr:.2e} {m.epoch_seconds:.2f}s", flush=True)
+        self.printed, self.last = m.epoch, self.clock()

@@ -120,6 +120,7 @@ class Case:
     code: int = 2
     marks: list = field(default_factory=list)
     process: bool = False  # in a `python -m pipeline` process of its own
+    env: dict = field(default_factory=dict)
 
 
 CASES = {
@@ -151,6 +152,8 @@ CASES = {
                                               "data.test_fraction=0.001 carves 2 of 1797 images", marks=[slow]),
     "one image per class": Case(["prepare"], "has 1 image(s) left to divide", setup=one_image_per_class,
                                 marks=[slow]),
+    "log interval not a number": Case(["train"], "PIPELINE_LOG_SECONDS='soon' is not a number of seconds",
+                                      env={"PIPELINE_LOG_SECONDS": "soon"}),
     "tune --workers 0": Case(["tune", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
     "symlink out of the folder": Case(["download"], "outside", setup=lambda repo: symlinked_folder(repo)),
     # devices
@@ -286,6 +289,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, tmp_path, name,
     repo = tmp_path / "repo"
     shutil.copytree(world, repo, symlinks=True)
     extra = (case.setup(repo) or []) if case.setup else []
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
     before = snapshot(repo)
     if case.process:
         result = run_cli(*case.args, *extra, cwd=repo)

@@ -199,6 +199,25 @@ def test_callbacks_see_every_epoch_in_order(digits, tiny_cfg):
     assert seen == [("start", 0), ("epoch", 1), ("epoch", 2), ("epoch", 3), ("end", True)]
 
 
+def test_the_console_shows_a_run_at_a_rate_a_reader_can_follow(digits, tiny_cfg, capsys):
+    now = [0.0]
+    history = train(digits, tiny_cfg).history  # 3 epochs
+
+    def replay(every: float, seconds_per_epoch: float) -> list[int]:
+        console = training.ConsoleLog("cnn", 3, every=every, terminal=False, clock=lambda: now[0])
+        console.on_fit_start(None, [])
+        for m in history:
+            now[0] += seconds_per_epoch
+            console.on_epoch_end(m)
+        console.on_fit_end(loop.FitResult(history, 3, 0.0, {}, False, 0.0))
+        return [int(line.split("epoch")[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()]
+
+    assert replay(every=0, seconds_per_epoch=1) == [1, 2, 3]
+    assert replay(every=30, seconds_per_epoch=1) == []  # a short run: its stage's summary says how it went
+    assert replay(every=30, seconds_per_epoch=20) == [2, 3]  # a long one: a line per 30 s, and its end
+    assert replay(every=30, seconds_per_epoch=40) == [1, 2, 3]
+
+
 def test_diverging_loss_raises(digits, tiny_cfg):
     class Explodes(nn.Module):
         def __init__(self):

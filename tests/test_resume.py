@@ -14,12 +14,14 @@ from mlflow.tracking import MlflowClient
 from helpers import edit_params, run_cli, write_digit_folder
 
 pytestmark = pytest.mark.slow
+EVERY_EPOCH = {"PIPELINE_LOG_SECONDS": "0"}  # an epoch's line on stdout: the tests below wait for one
 
 
 def train_until(repo, text, *overrides):
     """Start `train --model cnn`, SIGTERM it once `text` appears on stdout; returns its stderr."""
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--model", "cnn", *overrides], cwd=repo,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env={**os.environ, **EVERY_EPOCH}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     for line in process.stdout:
         if text in line:
             break
@@ -161,7 +163,8 @@ def test_diverging_run_is_failed_with_one_line(prepared_repo, tracked_env):
 
 def start_training(repo: Path, env: dict, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--model", "cnn", *overrides], cwd=repo,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, **env, **EVERY_EPOCH}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) -> None:

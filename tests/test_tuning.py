@@ -53,7 +53,7 @@ def test_tune_writes_best_params_with_nested_mlflow_runs(search_repo, tracked_en
     again = run_cli("tune", "--set", "tune.n_trials=6", cwd=repo, env=tracked_env)
     assert again.returncode == 0 and "[tune] trial" not in again.stdout  # nothing left to run
     final = run_cli("train", "--final", "--tuned", "reports/tune/best_params.json", cwd=repo, env=tracked_env)
-    assert final.returncode == 0 and f"using trial {best['trial']}" in final.stdout
+    assert final.returncode == 0 and f"trains with trial {best['trial']}'s params" in final.stdout
 
 
 def test_a_population_search_looks_like_trials_run_one_at_a_time(search_repo, tracked_env):

@@ -154,9 +154,8 @@ def tune(cfg: Config, prepared_dir: Path, worker_args: list[str]) -> dict:
               if (n := len(study.get_trials(deepcopy=False, states=(state,))))}
     print(f"[tune] best trial {best.number}: {cfg.tune.metric} {best.value:.4f} "
           f"({', '.join(f'{k} {v}' for k, v in states.items())})", flush=True)
-    if confirmation:
-        print(f"[tune] confirmed over seeds {confirmation['seeds']}: {confirmation['why']}", flush=True)
-    print(f"[tune] ships trial {shipped.number}: {record['params']}", flush=True)
+    why = f" (over seeds {confirmation['seeds']}: {confirmation['why']})" if confirmation else ""
+    print(f"[tune] ships trial {shipped.number}{why}: {record['params']}", flush=True)
     if not complete:
         print(f"[tune] tune.timeout ({cfg.tune.timeout:g}s) reached with {counts(study)[0]}/{cfg.tune.n_trials} "
               "trials finished; the best so far is reported, and running `tune` again continues", flush=True)

@@ -18,8 +18,8 @@ from pipeline.config import Config
 
 REPO = Path(__file__).resolve().parents[2]
 # Everything a user's clone has that the pipeline needs to run.
-REPO_FILES = ["pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots",
-              ".dvcignore", ".gitignore"]
+REPO_FILES = ["pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", "Makefile", ".dvc/config", ".dvc/.gitignore",
+              ".dvc/plots", ".dvcignore", ".gitignore"]
 
 
 def member(cfg: Config, prepared, callbacks=(), device: torch.device = torch.device("cpu")):
