@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an MLflow run id, models:/NAME@ALIAS, or a git revision / DVC experiment name "
                               "(optionally REV:RUN, default RUN final)")
     compare.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table to FILE")
-    ui = commands.add_parser("ui", parents=[common], help="mlflow ui + optuna-dashboard on 127.0.0.1 (Ctrl-C stops)")
+    ui = commands.add_parser("ui", parents=[common],
+                             help="mlflow ui + optuna-dashboard + tensorboard on 127.0.0.1 (Ctrl-C stops)")
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--optuna-port", type=int, default=8080)
+    ui.add_argument("--tensorboard-port", type=int, default=6006)
     ui.add_argument("--verbose", action="store_true", help="show the servers' own logs (access logs included)")
     return parser
 
@@ -189,4 +191,4 @@ def run(args: argparse.Namespace) -> None:
         elif args.command == "compare":
             commands.compare(cfg, args.sources, args.markdown)
         elif args.command == "ui":
-            commands.ui(cfg, args.mlflow_port, args.optuna_port, args.verbose)
+            commands.ui(cfg, args.mlflow_port, args.optuna_port, args.tensorboard_port, args.verbose)

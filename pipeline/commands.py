@@ -275,25 +275,33 @@ def plots(out: Path, revisions: list[str]) -> None:
     print(f"{out / 'index.html'}: every plot, rendered offline (open it in a browser)")
 
 
-def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, ready_timeout_s: float = 120) -> None:
-    """Serve the MLflow UI and optuna-dashboard on 127.0.0.1 against this repo's stores until Ctrl-C.
+def ui(cfg: Config, mlflow_port: int, optuna_port: int, tensorboard_port: int, verbose: bool = False,
+       ready_timeout_s: float = 120) -> None:
+    """Serve the MLflow UI, optuna-dashboard and (with tracking.tensorboard) TensorBoard on 127.0.0.1 against
+    this repo's stores until Ctrl-C.
 
     Missing stores get their schema first (optuna-dashboard opens storage without creating tables). Each URL
-    is printed once it answers; if either server exits, this says which and stops with an error. Server logs go
+    is printed once it answers; if a server exits, this says which and stops with an error. Server logs go
     to files (their path is shown) unless --verbose. Each server runs in a session of its own, so Ctrl-C reaches
-    this process only: it stops both, their worker processes included, and returns normally.
+    this process only: it stops them all, their worker processes included, and returns normally.
     """
-    from pipeline import tracking, tuning
+    from pipeline import paths, tracking, tuning
 
     mlflow_command = tracking.ui_command(cfg, mlflow_port)
     storage = tuning.storage_url(cfg.tune)
     tuning.open_storage(cfg.tune)  # creates a missing schema
-    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or "optuna-dashboard"
+    here = str(Path(sys.executable).parent)
+    dashboard = shutil.which("optuna-dashboard", path=here) or "optuna-dashboard"
     servers = {
         "MLflow UI": (mlflow_command, f"http://127.0.0.1:{mlflow_port}"),
         "Optuna dashboard": ([dashboard, storage, "--host", "127.0.0.1", "--port", str(optuna_port)],
                              f"http://127.0.0.1:{optuna_port}"),
     }
+    if cfg.tracking.tensorboard:
+        paths.tensorboard_dir().mkdir(exist_ok=True)
+        servers["TensorBoard"] = ([shutil.which("tensorboard", path=here) or "tensorboard", "--logdir",
+                                   str(paths.tensorboard_dir()), "--host", "127.0.0.1", "--port",
+                                   str(tensorboard_port)], f"http://127.0.0.1:{tensorboard_port}")
     log_dir = Path(tempfile.mkdtemp(prefix="pipeline-ui-"))
     running: dict[str, subprocess.Popen] = {}
     try:
@@ -319,7 +327,7 @@ def ui(cfg: Config, mlflow_port: int, optuna_port: int, verbose: bool = False, r
                 raise UserError(f"{', '.join(pending)} did not answer within {ready_timeout_s:g}s")
             time.sleep(0.3)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how a user stops the servers, not a failure
-        print("stopped both servers", file=sys.stderr)
+        print("stopped the servers", file=sys.stderr)
     finally:
         _stop_sessions(list(running.values()))
 

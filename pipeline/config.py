@@ -186,6 +186,8 @@ class TrackingConfig(Section):
                                  description="epoch metrics are sent in one batch at most this often")
     log_models: bool = Field(True, description="log each model as an MLflow model; the final one is registered")
     system_metrics: bool = Field(False, description="CPU/RAM (and GPU) usage via MLflow system metrics")
+    tensorboard: bool = Field(True, description="also write each training run's curves for TensorBoard, under "
+                                                "<repo>/runs (`make ui` serves them)")
 
 
 class SearchDimension(Section):

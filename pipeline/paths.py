@@ -103,5 +103,10 @@ def default_mlflow_artifacts() -> Path:
     return project_root() / "mlartifacts"
 
 
+def tensorboard_dir() -> Path:
+    """TensorBoard's event files, one folder per run (`runs/`, as the PyTorch tutorials' SummaryWriter writes)."""
+    return project_root() / "runs"
+
+
 def default_optuna_storage() -> str:
     return f"sqlite:///{project_root() / 'optuna.db'}"

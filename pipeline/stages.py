@@ -135,7 +135,7 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
               f"{len(prepared.train)} train / {len(prepared.val)} val images{seeds}", flush=True)
         name = cfg.model.name if run_name == cfg.model.name else f"{cfg.model.name}-{run_name}"
         with contextlib.ExitStack() as tracked:
-            parent, own_runs = _track_replicates(cfg, run_name, name, runs, prepared.md5, tracked)
+            parent, own_runs = _track_replicates(cfg, run_name, name, runs, prepared, tracked)
             if several and not world.distributed:
                 from pipeline import population
 
@@ -161,13 +161,16 @@ def train(cfg: Config, run_name: str, run_paths: RunPaths | None = None) -> str 
     return parent.run_id if parent else None
 
 
-def _track_replicates(cfg, run_name, name, runs, data_md5, tracked: contextlib.ExitStack):
+def _track_replicates(cfg, run_name, name, runs, prepared, tracked: contextlib.ExitStack):
     """The model's MLflow run (None with tracking off) and each replicate's: with several, one nested run each,
-    else the model's own. A resumed run continues its own. Gives each run its callbacks (a console line per
-    epoch, its MLflow curves)."""
-    from pipeline import loop, training
+    else the model's own. A resumed run continues its own. Gives each run its callbacks (the console, its MLflow
+    curves, its TensorBoard folder)."""
+    import torch
 
-    several = len(runs) > 1
+    from pipeline import board, training
+
+    data_md5, several = prepared.md5, len(runs) > 1
+    images = prepared.train.take(torch.arange(min(32, len(prepared.train))))  # TensorBoard's look at the inputs
     resumed = [run.checkpoints.load() if cfg.train.resume else None for run in runs]
     continued = next((run.checkpoints.meta.get("mlflow_parent_run_id") for run, state in zip(runs, resumed)
                       if state), None)
@@ -187,7 +190,9 @@ def _track_replicates(cfg, run_name, name, runs, data_md5, tracked: contextlib.E
         if own:
             run.checkpoints.meta |= {"mlflow_run_id": own.run_id, "mlflow_parent_run_id": parent.run_id}
         label = f"{run_name} seed {member.seed}" if several else run_name
-        run.callbacks = [training.ConsoleLog(label, cfg.train.epochs)] + ([own.metrics] if own else [])
+        run.callbacks = [training.ConsoleLog(label, cfg.train.epochs)] + ([own.metrics] if own else []) + (
+            [board.TensorBoard(board.run_dir(cfg, run_name, member.seed), member, images)]
+            if cfg.tracking.tensorboard else [])
         own_runs.append(own)
     return parent, own_runs
 

@@ -1,5 +1,6 @@
 """Interrupted runs: what MLflow shows, and what resumes (only a run's own resume point: same config, data, code)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from torch.utils.tensorboard import SummaryWriter
 
 from helpers import edit_params, run_cli, write_digit_folder
 
@@ -82,7 +84,7 @@ def test_ui_stops_with_one_line_naming_the_server_that_could_not_start(repo_copy
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         process = subprocess.run([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
-                                  "--optuna-port", str(taken.getsockname()[1]),
+                                  "--optuna-port", str(taken.getsockname()[1]), "--tensorboard-port", str(free_port()),
                                   "--set", f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}"],
                                  cwd=repo_copy, env=env, capture_output=True, text=True, timeout=120)
     lines = process.stderr.strip().splitlines()
@@ -111,17 +113,22 @@ def test_ui_serves_both_links_to_the_models_and_ctrl_c_stops_everything_it_start
     model = client.create_run(experiment, run_name="cnn-model-run", tags={"pipeline.level": "model"})
     client.log_metric(model.info.run_id, "test_accuracy", 0.99)
     client.create_run(experiment, run_name="cnn-seed-run", tags={"pipeline.level": "replicate"})
-    mlflow_port, optuna_port = free_port(), free_port()
+    with SummaryWriter(str(repo_copy / "runs" / "cnn" / "abc-seed42")) as writer:  # a run's TensorBoard folder
+        writer.add_scalar("val_loss", 0.5, 1)
+    mlflow_port, optuna_port, tensorboard_port = free_port(), free_port(), free_port()
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
-                                "--optuna-port", str(optuna_port), "--set", f"tune.storage=sqlite:///{storage}"],
+                                "--optuna-port", str(optuna_port), "--tensorboard-port", str(tensorboard_port),
+                                "--set", f"tune.storage=sqlite:///{storage}"],
                                cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        shown = [process.stdout.readline() for _ in range(2)]
-        assert sorted(line.split(":")[0] for line in shown) == ["MLflow UI", "Optuna dashboard"], shown
+        shown = [process.stdout.readline() for _ in range(3)]
+        assert sorted(line.split(":")[0] for line in shown) == ["MLflow UI", "Optuna dashboard", "TensorBoard"], shown
         for port, path in ((optuna_port, "/api/studies"), (mlflow_port, "/")):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
                 assert response.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{tensorboard_port}/data/runs", timeout=30) as response:
+            assert json.loads(response.read()) == ["cnn/abc-seed42"]  # the repo's runs/ folder
         link, = [line.split("this project's runs: ")[1].rstrip(")\n") for line in shown if "project's runs" in line]
         # what a browser shows there (MLflow's UI is a JavaScript app: only a browser runs it)
         page = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",

@@ -1,0 +1,71 @@
+"""TensorBoard: each training run's curves as event files, for those who watch runs there.
+
+A `loop.Callback` like the MLflow one, so the loop stays ignorant of it. Each
+seed replicate of a config writes to its own folder,
+`<repo>/runs/<run name>/<config fingerprint>-seed<seed>`, which TensorBoard
+lists as one run; `make ui` serves the folder. The scalars carry the loop's own
+names (`EpochMetrics`: train_loss, val_accuracy, lr, ...), stepped by epoch, the
+same names MLflow gets; the HParams tab compares runs by their config.
+
+A resumed run continues its folder: the event files of the interrupted process
+hold epochs after the resume point that the run trains again, and
+`purge_step` tells TensorBoard to drop those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline import loop, paths
+from pipeline.config import Config, flatten
+from pipeline.metrics import EpochMetrics
+
+FLUSH_SECONDS = 10  # a run being watched shows its epochs within this long
+
+
+def run_dir(cfg: Config, run_name: str, seed: int) -> Path:
+    return paths.tensorboard_dir() / run_name / f"{cfg.fingerprint()}-seed{seed}"
+
+
+class TensorBoard(loop.Callback):
+    """Scalars per epoch, and once per run a grid of training images (uint8, N x C x H x W), its config as text
+    and (when it ends) its hparams with the best epoch's validation numbers."""
+
+    def __init__(self, log_dir: Path, cfg: Config, images: torch.Tensor | None = None):
+        self.log_dir, self.cfg, self.images, self.writer = log_dir, cfg, images, None
+
+    def on_fit_start(self, model: nn.Module, history: list[EpochMetrics]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: a fresh start drops whatever an earlier run of this config left here, a resumed one the
+        # epochs it trains again
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=len(history), flush_secs=FLUSH_SECONDS)
+        if not history:
+            if self.images is not None:
+                self.writer.add_images("inputs", self.images.cpu(), 0)
+            self.writer.add_text("config", f"```\n{_config_text(self.cfg)}\n```", 0)
+
+    def on_epoch_end(self, m: EpochMetrics) -> None:
+        for name, value in asdict(m).items():
+            if name != "epoch":
+                self.writer.add_scalar(name, value, m.epoch)
+
+    def on_fit_end(self, result: loop.FitResult) -> None:
+        best = result.best
+        self.writer.add_hparams(
+            {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+             for key, value in flatten(self.cfg.public()).items() if value is not None},
+            {"hparam/best_val_loss": best.val_loss, "hparam/best_val_accuracy": best.val_accuracy,
+             "hparam/best_epoch": result.best_epoch},
+            run_name=".")  # into this run's own folder, not a subfolder of its own
+        self.writer.close()
+
+
+def _config_text(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.public(), sort_keys=False)
