@@ -48,6 +48,11 @@ def eval_dir(run_name: str) -> Path:
     return REPORTS_DIR / "eval" / run_name
 
 
+def lr_find_dir(model: str) -> Path:
+    """`lr-find`'s record for a model: no stage's output, kept beside the search range chosen from it."""
+    return REPORTS_DIR / "lr_find" / model
+
+
 PREDICTIONS = "predictions.npz"  # in eval_dir: every replicate's test-set probabilities (`compare` reads them)
 REPLICATES_JSON = "replicates.json"  # in eval_dir: each replicate's test metrics, their mean and std
 

@@ -92,6 +92,24 @@ def plot_samples(images, labels: Sequence[str], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def plot_lr_range(lrs: Sequence[float], losses: Sequence[float], steepest: float, usable: Sequence[float],
+                  path: Path, title: str) -> None:
+    """The range test's smoothed loss against the learning rate (log scale), its steepest descent marked and the
+    usable range shaded."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(lrs, losses)
+    ax.axvspan(*usable, color="C2", alpha=0.15, label=f"usable {usable[0]:.1e} .. {usable[1]:.1e}")
+    ax.scatter([steepest], [losses[list(lrs).index(steepest)]], color="C3", zorder=3,
+               label=f"steepest descent {steepest:.1e}")
+    top = max(losses[: max(1, len(losses) // 4)])  # the untrained loss: what diverges beyond it is off the chart
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title=title,
+           ylim=(min(losses) * 0.9, top * 1.3))
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_figure(fig, path: Path) -> None:
     """PNG with everything inside the canvas (bbox_inches="tight" keeps long labels and legends whole)."""
     import io

@@ -154,6 +154,9 @@ CASES = {
                                 marks=[slow]),
     "log interval not a number": Case(["train"], "PIPELINE_LOG_SECONDS='soon' is not a number of seconds",
                                       env={"PIPELINE_LOG_SECONDS": "soon"}),
+    "lr-find with start above end": Case(["lr-find", "--start-lr", "1", "--end-lr", "0.1"],
+                                         "the range test needs 0 < --start-lr < --end-lr, got 1 and 0.1"),
+    "lr-find with too few steps": Case(["lr-find", "--steps", "5"], "--steps 5: the range test reads"),
     "tune --workers 0": Case(["tune", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
     "symlink out of the folder": Case(["download"], "outside", setup=lambda repo: symlinked_folder(repo)),
     # devices

@@ -81,7 +81,7 @@ def test_no_import_cycles_between_pipeline_modules():
 def test_lower_modules_never_reach_up():
     order = ["errors", "paths", "processes", "metrics", "files", "config", "datasets", "data", "models", "evaluation",
              "comparison", "reporting", "distributed", "devices", "optim", "loop", "population", "board", "tracking",
-             "serving", "training", "tuning", "stages", "commands", "cli"]
+             "serving", "training", "lr_finder", "tuning", "stages", "commands", "cli"]
     assert set(order) == MODULES - {"__init__", "__main__"}
     for rank, module in enumerate(order):
         tree = _tree(module)
