@@ -243,6 +243,15 @@ class TuneConfig(Section):
     warmup_epochs: int = Field(3, ge=0, le=MAX_EPOCHS,
                                description="epochs a trial runs before it can be pruned (successive halving: its "
                                            "first rung)")
+    engine: Literal["optuna", "ray"] = Field(
+        "optuna", description="who runs the trials: optuna, this repo's workers and populations (tune.workers, "
+                              "tune.population); ray, Ray Tune on this machine or a Ray cluster (tune.ray_*), "
+                              "its OptunaSearch proposing from the same study and ASHA stopping trials")
+    ray_address: str | None = Field(None, description="tune.engine ray: the cluster (ray://host:10001, auto); "
+                                                      "default RAY_ADDRESS, else a Ray started on this machine")
+    ray_cpus_per_trial: float = Field(1, gt=0, le=1024, description="tune.engine ray: CPUs (threads) per trial")
+    ray_gpus_per_trial: float = Field(0, ge=0, le=64, description="tune.engine ray: GPUs per trial; a fraction "
+                                                                  "shares one GPU among trials")
     workers: int = Field(1, ge=1, le=256, description="worker processes on this machine (more machines: start "
                                                       "tune on each)")
     population: int = Field(16, ge=1, le=256, description="trials trained at once by each worker: those of the same "
@@ -267,6 +276,13 @@ class TuneConfig(Section):
     @property
     def direction(self) -> str:
         return DIRECTIONS[self.metric]
+
+    @model_validator(mode="after")
+    def _workers_are_the_optuna_engines(self) -> TuneConfig:
+        if self.engine == "ray" and self.workers > 1:
+            raise ValueError("tune.workers starts the optuna engine's worker processes; with tune.engine ray, Ray "
+                             "places the trials itself: set tune.workers to 1 (and tune.ray_cpus_per_trial)")
+        return self
 
 
 class Config(Section):
@@ -540,11 +556,13 @@ _RUNTIME_TRAIN = {"resume"}
 _SET_BY_SEARCH = {"epochs", "monitor", "resume"}
 # Where and how a search runs, not which trials it runs. (A trial's threads follow tune.workers: another thread
 # count sums in another order, which bf16 autocast shows at ~1e-3, but the study is the same.)
-_RUNTIME_TUNE = {"workers", "storage", "lock", "heartbeat_interval", "grace_period"}
+_RUNTIME_TUNE = {"workers", "storage", "lock", "heartbeat_interval", "grace_period", "ray_address",
+                 "ray_cpus_per_trial", "ray_gpus_per_trial"}
 _RUNTIME_TRIAL = {"threads"}
-# How much of a search to run: a bigger budget continues the same study. (A population trains its trials as
-# they would train alone, but asks the sampler at other moments: other trials of the same study.)
-_BUDGET_TUNE = {"n_trials", "timeout", "population"}
+# How much of a search to run, and who schedules its trials: a bigger budget or another engine continues the same
+# study. (A population trains its trials as they would train alone, but asks the sampler at other moments; Ray
+# Tune asks at its own moments and stops trials by ASHA: other trials of the same study.)
+_BUDGET_TUNE = {"n_trials", "timeout", "population", "engine"}
 # What happens once the trials are done (the confirmation): the same study, another winner.
 _AFTER_SEARCH_TUNE = {"confirm"}
 

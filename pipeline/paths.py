@@ -113,5 +113,10 @@ def tensorboard_dir() -> Path:
     return project_root() / "runs"
 
 
+def ray_results_dir() -> Path:
+    """Ray Tune's own record of its trials (tune.engine: ray); the study holds what the pipeline reads."""
+    return project_root() / "ray_results"
+
+
 def default_optuna_storage() -> str:
     return f"sqlite:///{project_root() / 'optuna.db'}"

@@ -157,6 +157,8 @@ CASES = {
     "lr-find with start above end": Case(["lr-find", "--start-lr", "1", "--end-lr", "0.1"],
                                          "the range test needs 0 < --start-lr < --end-lr, got 1 and 0.1"),
     "lr-find with too few steps": Case(["lr-find", "--steps", "5"], "--steps 5: the range test reads"),
+    "ray engine with workers": Case(["tune", "--set", "tune.engine=ray", "--set", "tune.workers=2"],
+                                    "with tune.engine ray, Ray places the trials itself"),
     "tune --workers 0": Case(["tune", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
     "symlink out of the folder": Case(["download"], "outside", setup=lambda repo: symlinked_folder(repo)),
     # devices

@@ -102,14 +102,14 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     assert client.get_model_version_by_alias("digits-cnn", "best").version == version.version
     assert {"val_loss", "test_accuracy", "data.md5"} <= set(version.tags)
 
-    # forced: every model trains from scratch (full curves), and git still sees no change
-    forced = run_dvc("repro", "-f", "-s", "train@logreg", "train_final", cwd=clone)
+    # forced: the model trains from scratch (full curves), and git still sees no change
+    forced = run_dvc("repro", "-f", "-s", "train@logreg", cwd=clone)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert "resuming" not in forced.stderr
     assert git(clone, "status", "--porcelain").stdout == ""
     client, runs = stores(clone)
-    assert len(by_role(runs)["final"]) == 2 * 4  # twice: the model's run and its three seed replicates'
-    for run in by_role(runs)["final"]:
+    assert len(by_role(runs)["logreg"]) == 2 * 4  # twice: the model's run and its three seed replicates'
+    for run in by_role(runs)["logreg"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
 
     # another train.epochs re-trains the models, but not the search (tune.epochs fixes its epochs)

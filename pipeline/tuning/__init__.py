@@ -8,6 +8,8 @@ Read it in this order:
 - `study`: the study this process works on, its sampler and pruner;
 - `trials`: one trial around the loop, asked and told by ask/tell;
 - `search`: populations of trials, worker processes, the `tune` stage;
+- `ray_engine`: Ray Tune running the same study's trials instead
+  (tune.engine: ray), on this machine or a Ray cluster;
 - `confirm`: the best trials and the untuned settings retrained with several
   seeds, so that a lucky draw never ships;
 - `reports`: best_params.json, trials.csv and Optuna's plots.

@@ -134,9 +134,14 @@ def tune(cfg: Config, prepared_dir: Path, worker_args: list[str]) -> dict:
     print(f"[tune] study {study.study_name} on {redact(storage_url(cfg.tune))}: {finished}/{cfg.tune.n_trials} "
           f"trials finished so far, {cfg.tune.workers} worker(s)", flush=True)
     with _parent_run(search) as parent:
-        if cfg.tune.workers > 1:
-            _run_worker_processes(cfg.tune.workers, worker_args)
-        complete = run_worker(search)  # alone, or after the workers: runs whatever they left (retries)
+        if cfg.tune.engine == "ray":
+            from pipeline.tuning import ray_engine
+
+            complete = ray_engine.run(search)
+        else:
+            if cfg.tune.workers > 1:
+                _run_worker_processes(cfg.tune.workers, worker_args)
+            complete = run_worker(search)  # alone, or after the workers: runs whatever they left (retries)
         _close_runs_of_dead_trials(search)
         best = _best_trial(study)
         confirmation = confirm(search) if complete else None

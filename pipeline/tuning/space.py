@@ -39,8 +39,12 @@ def scalar_choices(dim: SearchDimension) -> bool:
 
 
 def decoded_params(trial: optuna.trial.FrozenTrial, space: dict[str, SearchDimension]) -> dict[str, Any]:
-    return {key: value if _scalar_choices_or_range(space[key]) else json.loads(value)
-            for key, value in trial.params.items()}
+    return decode(trial.params, space)
+
+
+def decode(params: dict[str, Any], space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """Params as Optuna holds them (list choices as JSON) as the config takes them."""
+    return {key: value if _scalar_choices_or_range(space[key]) else json.loads(value) for key, value in params.items()}
 
 
 def _scalar_choices_or_range(dim: SearchDimension) -> bool:
