@@ -313,9 +313,13 @@ def ui(cfg: Config, mlflow_port: int, optuna_port: int, tensorboard_port: int, v
     to files (their path is shown) unless --verbose. Each server runs in a session of its own, so Ctrl-C reaches
     this process only: it stops them all, their worker processes included, and returns normally.
     """
-    from pipeline import paths, tracking, tuning
+    from pipeline import paths, tuning
+    from pipeline.evaluation import BOUNDS
+    from pipeline.tracking import ui as mlflow_ui
 
-    mlflow_command = tracking.ui_command(cfg, mlflow_port)
+    mlflow_command = mlflow_ui.command(cfg, mlflow_port)
+    # the models page's columns: test accuracy with its interval and its spread over seeds, and the macro F1
+    shown = ["accuracy", *(f"accuracy_{bound}" for bound in BOUNDS), "accuracy_mean", "accuracy_std", "f1_macro"]
     storage = tuning.storage_url(cfg.tune)
     tuning.open_storage(cfg.tune)  # creates a missing schema
     here = str(Path(sys.executable).parent)
@@ -348,7 +352,7 @@ def ui(cfg: Config, mlflow_port: int, optuna_port: int, tensorboard_port: int, v
                     raise UserError(f"{name} {how}{where}")
             for name, (_, url) in list(pending.items()):
                 if _answers(url):
-                    page = tracking.runs_page(cfg, url) if name == "MLflow UI" else None
+                    page = mlflow_ui.runs_page(cfg, url, shown) if name == "MLflow UI" else None
                     print(f"{name + ':':<18} {url}" + (f"  (this project's runs: {page})" if page else ""), flush=True)
                     del pending[name]
             if pending and time.monotonic() > deadline:

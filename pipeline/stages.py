@@ -462,8 +462,8 @@ def report(cfg: Config, tuned: Path | None = None) -> None:
            f"interval [low, high]: a seeded bootstrap over the {final['images']} test images ({RESAMPLES:,} "
            "resamples), how far another test set of this size could move it. The columns over seeds give the mean "
            "± standard deviation of every seed replicate: how far the training seed alone moves it.")
-    paired = (f"Each pair on the same test images. Δ: the difference of the means over seeds, with a paired "
-              f"bootstrap interval that resamples the images (the same for both) and the seeds. McNemar's exact "
+    paired = ("Each pair on the same test images. Δ: the difference of the means over seeds, with a paired "
+              "bootstrap interval that resamples the images (the same for both) and the seeds. McNemar's exact "
               "test on the shipped models' discordant images, Holm-corrected for the number of pairs in brackets. "
               "A verdict of \"better\" needs both; otherwise the difference is within what this test set and the "
               "seeds can move, and ± says the smallest difference it could resolve.")

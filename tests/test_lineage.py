@@ -3,7 +3,8 @@ lock changes (a search tags every trial's run from one process; the lock is pars
 
 import os
 
-from pipeline import paths, tracking
+from pipeline import paths
+from pipeline.tracking import lineage
 
 
 def write_lock(path, md5: str) -> None:
@@ -13,10 +14,10 @@ def write_lock(path, md5: str) -> None:
 
 def test_the_prepared_data_hash_comes_from_the_current_dvc_lock(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert tracking._dvc_locked_md5(str(paths.PREPARED_DIR)) is None  # not a DVC repo (yet)
+    assert lineage._dvc_locked_md5(str(paths.PREPARED_DIR)) is None  # not a DVC repo (yet)
     write_lock(tmp_path / "dvc.lock", "a" * 32 + ".dir")
-    assert tracking._dvc_locked_md5(str(paths.PREPARED_DIR)) == "a" * 32 + ".dir"
-    assert tracking._dvc_locked_md5("models/other") is None
+    assert lineage._dvc_locked_md5(str(paths.PREPARED_DIR)) == "a" * 32 + ".dir"
+    assert lineage._dvc_locked_md5("models/other") is None
     write_lock(tmp_path / "dvc.lock", "b" * 40 + ".dir")  # `dvc repro` ran prepare again
     os.utime(tmp_path / "dvc.lock", ns=(1, 1))  # even where the clock has not moved on
-    assert tracking._dvc_locked_md5(str(paths.PREPARED_DIR)) == "b" * 40 + ".dir"
+    assert lineage._dvc_locked_md5(str(paths.PREPARED_DIR)) == "b" * 40 + ".dir"

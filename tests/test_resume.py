@@ -111,7 +111,7 @@ def test_ui_serves_both_links_to_the_models_and_ctrl_c_stops_everything_it_start
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.create_experiment("digits", tags={"mlflow.experimentKind": "custom_model_development"})
     model = client.create_run(experiment, run_name="cnn-model-run", tags={"pipeline.level": "model"})
-    client.log_metric(model.info.run_id, "test_accuracy", 0.99)
+    client.log_metric(model.info.run_id, "test_accuracy", 0.987)
     client.create_run(experiment, run_name="cnn-seed-run", tags={"pipeline.level": "replicate"})
     with SummaryWriter(str(repo_copy / "runs" / "cnn" / "abc-seed42")) as writer:  # a run's TensorBoard folder
         writer.add_scalar("val_loss", 0.5, 1)
@@ -131,9 +131,11 @@ def test_ui_serves_both_links_to_the_models_and_ctrl_c_stops_everything_it_start
             assert json.loads(response.read()) == ["cnn/abc-seed42"]  # the repo's runs/ folder
         link, = [line.split("this project's runs: ")[1].rstrip(")\n") for line in shown if "project's runs" in line]
         # what a browser shows there (MLflow's UI is a JavaScript app: only a browser runs it)
-        page = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
-                               "--dump-dom", link], capture_output=True, text=True, timeout=120).stdout
-        assert "cnn-model-run" in page and "cnn-seed-run" not in page and "test_accuracy" in page
+        page = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,900",
+                               "--virtual-time-budget=30000", "--dump-dom", link],
+                              capture_output=True, text=True, timeout=120).stdout
+        assert "cnn-model-run" in page and "cnn-seed-run" not in page
+        assert 'col-id="metrics.`test_accuracy`"' in page and ">0.987<" in page  # a column, with the run's value
         started = psutil.Process(process.pid).children(recursive=True)
         assert len(started) >= 2
         os.killpg(process.pid, signal.SIGINT)
