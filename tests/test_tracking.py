@@ -110,12 +110,12 @@ def test_each_training_run_has_params_curves_test_metrics_lineage_and_model(trai
         assert client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                            filter_string=f"source_run_id = '{run.info.run_id}'")
     assert not (repo / "mlruns").exists(), "a logged model must land in the run's experiment, not ./mlruns"
-    from pipeline import tracking
     from pipeline.config import load_config
+    from pipeline.tracking import ui
 
     cfg = load_config(repo / "params.yaml", [f"tracking.uri={env['MLFLOW_TRACKING_URI']}"])
-    assert tracking.runs_page(cfg, "http://127.0.0.1:5000").startswith(
-        f"http://127.0.0.1:5000/#/experiments/{runs[0].info.experiment_id}/runs?")
+    assert ui.runs_page(cfg, "http://127.0.0.1:5000", ["accuracy"]).startswith(
+        f"http://127.0.0.1:5000/#/experiments/{runs[0].info.experiment_id}/runs?viewStateShareKey=")
 
 
 def test_registry_versions_carry_val_and_test_metrics_and_best_is_chosen_on_validation(trained):
