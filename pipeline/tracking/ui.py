@@ -30,8 +30,7 @@ def models_view(metrics: list[str]) -> dict:
     accuracy first, with these test metrics (names as `evaluate` logs them, without `test_`) as columns."""
     return {"searchFilter": "tags.`pipeline.level` = 'model'", "orderByKey": "metrics.`test_accuracy`",
             "orderByAsc": False,
-            "selectedColumns": ["attributes.`Source`", "attributes.`Models`",
-                                *(f"metrics.`test_{name}`" for name in metrics)]}
+            "selectedColumns": [f"metrics.`test_{name}`" for name in metrics]}
 
 
 def runs_page(cfg: Config, base_url: str, metrics: list[str]) -> str | None:
