@@ -1,11 +1,12 @@
-"""TensorBoard: each training run's curves as event files, for those who watch runs there.
+"""TensorBoard: each training run's and trial's curves as event files, for those who watch runs there.
 
 A `loop.Callback` like the MLflow one, so the loop stays ignorant of it. Each
-seed replicate of a config writes to its own folder,
-`<repo>/runs/<run name>/<config fingerprint>-seed<seed>`, which TensorBoard
-lists as one run; `make ui` serves the folder. The scalars carry the loop's own
+seed replicate and each search trial writes to its own folder,
+`<repo>/runs/<experiment>/<its MLflow run name>`, which TensorBoard lists as
+one run; `make ui` serves the folder. The scalars carry the loop's own
 names (`EpochMetrics`: train_loss, val_accuracy, lr, ...), stepped by epoch, the
-same names MLflow gets; the HParams tab compares runs by their config.
+same names MLflow gets; the HParams tab compares runs by their config (a search's
+trials by their searched params and the value each is judged on).
 
 A resumed run continues its folder: the event files of the interrupted process
 hold epochs after the resume point that the run trains again, and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,16 +29,22 @@ from pipeline.metrics import EpochMetrics
 FLUSH_SECONDS = 10  # a run being watched shows its epochs within this long
 
 
-def run_dir(cfg: Config, run_name: str, seed: int) -> Path:
-    return paths.tensorboard_dir() / run_name / f"{cfg.fingerprint()}-seed{seed}"
+def run_dir(cfg: Config, run_name: str) -> Path:
+    """A run's folder: runs/<experiment>/<its MLflow run name>."""
+    return paths.tensorboard_dir() / cfg.experiment / run_name
 
 
 class TensorBoard(loop.Callback):
     """Scalars per epoch, and once per run a grid of training images (uint8, N x C x H x W), its config as text
     and (when it ends) its hparams with the best epoch's validation numbers."""
 
-    def __init__(self, log_dir: Path, cfg: Config, images: torch.Tensor | None = None):
+    def __init__(self, log_dir: Path, cfg: Config, images: torch.Tensor | None = None,
+                 hparams: dict[str, Any] | None = None):
+        """`hparams`: what the HParams table compares runs on (a trial's searched params); default the whole
+        config, flattened."""
         self.log_dir, self.cfg, self.images, self.writer = log_dir, cfg, images, None
+        self.hparams = hparams if hparams is not None else {
+            key: value for key, value in flatten(cfg.public()).items() if value is not None}
 
     def on_fit_start(self, model: nn.Module, history: list[EpochMetrics]) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -58,11 +66,16 @@ class TensorBoard(loop.Callback):
         best = result.best
         self.writer.add_hparams(
             {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-             for key, value in flatten(self.cfg.public()).items() if value is not None},
+             for key, value in self.hparams.items()},
             {"hparam/best_val_loss": best.val_loss, "hparam/best_val_accuracy": best.val_accuracy,
-             "hparam/best_epoch": result.best_epoch},
+             "hparam/best_epoch": result.best_epoch, f"hparam/score_{self.cfg.train.monitor}": result.best_score},
             run_name=".")  # into this run's own folder, not a subfolder of its own
-        self.writer.close()
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close (also for a run that ended early, e.g. a pruned trial)."""
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _config_text(cfg: Config) -> str:

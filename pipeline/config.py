@@ -351,6 +351,11 @@ class Config(Section):
             _set_dotted(raw, key, value)
         return validate(raw, source=source)
 
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment (and TensorBoard folder) runs go to: tracking.experiment, default data.name."""
+        return self.tracking.experiment or self.data.name
+
     def fingerprint(self) -> str:
         """Short stable hash of the params that shape one training run: names runs, keys resume points."""
         return self.digest(training_keys())

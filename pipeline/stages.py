@@ -181,18 +181,18 @@ def _track_replicates(cfg, run_name, name, runs, prepared, tracked: contextlib.E
     for index, (run, state) in enumerate(zip(runs, resumed)):
         member = run.key
         own = parent
+        label = f"{name}-seed{member.seed}-{cfg.fingerprint()}" if several else f"{name}-{cfg.fingerprint()}"
         if parent and several:
             own = tracked.enter_context(training.tracked_run(
-                member, f"{name}-seed{member.seed}-{cfg.fingerprint()}", run_name, data_md5,
+                member, label, run_name, data_md5,
                 continue_run_id=state and run.checkpoints.meta.get("mlflow_run_id"), parent_run_id=parent.run_id,
                 tags={"pipeline.level": "replicate", "replicate.index": str(index),
                       "replicate.seed": str(member.seed)}))
         if own:
             run.checkpoints.meta |= {"mlflow_run_id": own.run_id, "mlflow_parent_run_id": parent.run_id}
-        label = f"{run_name} seed {member.seed}" if several else run_name
-        run.callbacks = [training.ConsoleLog(label, cfg.train.epochs)] + ([own.metrics] if own else []) + (
-            [board.TensorBoard(board.run_dir(cfg, run_name, member.seed), member, images)]
-            if cfg.tracking.tensorboard else [])
+        shown = f"{run_name} seed {member.seed}" if several else run_name
+        run.callbacks = [training.ConsoleLog(shown, cfg.train.epochs)] + ([own.metrics] if own else []) + (
+            [board.TensorBoard(board.run_dir(cfg, label), member, images)] if cfg.tracking.tensorboard else [])
         own_runs.append(own)
     return parent, own_runs
 

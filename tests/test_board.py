@@ -19,8 +19,8 @@ def events(folder):
 
 def test_each_replicate_is_a_tensorboard_run_with_the_curves_of_its_history(prepared_repo):
     run_cli("train", "--model", "logreg", *SETTINGS, cwd=prepared_repo, check=True)
-    folders = sorted((prepared_repo / "runs" / "logreg").iterdir())
-    assert [folder.name.rsplit("-", 1)[1] for folder in folders] == ["seed42", "seed43"]
+    folders = sorted((prepared_repo / "runs" / "digits").iterdir())  # runs/<experiment>/<MLflow run name>
+    assert [folder.name.split("-")[:2] for folder in folders] == [["logreg", "seed42"], ["logreg", "seed43"]]
     history = list(csv.DictReader((prepared_repo / "reports/train/logreg/history.csv").open()))
     shipped = [each for each in map(events, folders)
                if [e.value for e in each.Scalars("val_loss")] == pytest.approx([float(r["val_loss"]) for r in history],
@@ -33,7 +33,7 @@ def test_each_replicate_is_a_tensorboard_run_with_the_curves_of_its_history(prep
 
     # the same config again: TensorBoard shows its epochs once, not the first run's as well
     run_cli("train", "--model", "logreg", *SETTINGS, cwd=prepared_repo, check=True)
-    assert sorted((prepared_repo / "runs" / "logreg").iterdir()) == folders
+    assert sorted((prepared_repo / "runs" / "digits").iterdir()) == folders
     assert [e.step for e in events(folders[0]).Scalars("val_loss")] == [1, 2, 3]
 
 

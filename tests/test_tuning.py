@@ -11,11 +11,19 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import REPO, edit_params, run_cli
 from helpers.searches import CONTINUOUS, load_only_study, states
 
 pytestmark = pytest.mark.slow
+
+def has_hparams(board: EventAccumulator) -> bool:
+    try:
+        return "_hparams_/session_start_info" in board.PluginTagToContent("hparams")
+    except KeyError:  # no HParams summary in this run
+        return False
+
 
 def test_tune_writes_best_params_with_nested_mlflow_runs(search_repo, tracked_env):
     repo, storage = search_repo
@@ -37,6 +45,13 @@ def test_tune_writes_best_params_with_nested_mlflow_runs(search_repo, tracked_en
                                                                      .iterdir()}
     trials = (repo / "reports/tune/trials.csv").read_text().splitlines()
     assert trials[0] == "number,state,val_loss,epochs,fail_reason,train.lr,model.dropout" and len(trials) == 7
+
+    # each trial is a TensorBoard run too: the epochs the study heard of, and the completed ones in HParams
+    for trial in study.trials:
+        board = EventAccumulator(str(repo / "runs" / "digits" / f"{study.study_name}-trial-{trial.number:03d}"))
+        board.Reload()
+        assert [event.step for event in board.Scalars("val_loss")] == sorted(trial.intermediate_values)
+        assert has_hparams(board) == (trial.state == TrialState.COMPLETE)
 
     parent_id = study.user_attrs["mlflow_parent_run_id"]
     client = mlflow.MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])

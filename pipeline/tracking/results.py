@@ -24,7 +24,7 @@ def log_test_results(cfg: Config, run_name: str, model_file: Path, metrics: dict
     shipped replicate's file is the model's). Warns instead of failing when there is no such run."""
     client = connect(cfg.tracking)
     md5 = files.file_digest(model_file)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment or cfg.data.name)
+    experiment = client.get_experiment_by_name(cfg.experiment)
     query = (f"tags.`model.md5` = '{md5}' and tags.`pipeline.role` = '{run_name}' "
              f"and tags.`pipeline.level` = '{level}'")
     runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"],

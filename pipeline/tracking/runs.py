@@ -97,7 +97,7 @@ class TrackedRun:
             tags = {**lineage_tags(self.cfg, self.data_md5, self.role), **process, **self.extra_tags}
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
-            name = self.cfg.tracking.experiment or self.cfg.data.name
+            name = self.cfg.experiment
             run = self.client.create_run(experiment_id(self.client, name), run_name=self.name, tags=tags)
             self.run_id = run.info.run_id
             params = [Param(key, str(value)) for key, value in flatten(self.cfg.public()).items()]

@@ -37,7 +37,7 @@ def runs_page(cfg: Config, base_url: str, metrics: list[str]) -> str | None:
     """The MLflow UI's page of this project's models (`models_view`, saved as the experiment's shared view);
     None before the first run."""
     client = connect(cfg.tracking)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment or cfg.data.name)
+    experiment = client.get_experiment_by_name(cfg.experiment)
     if not experiment:
         return None
     client.set_experiment_tag(experiment.experiment_id, SHARED_VIEW + MODELS_VIEW, json.dumps(models_view(metrics)))

@@ -30,13 +30,13 @@ from ray import tune as ray_tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline import devices, loop, paths, training
+from pipeline import board, devices, loop, paths, training
 from pipeline.config import SearchDimension
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.metrics import EpochMetrics, is_better, worst
 from pipeline.tuning.space import decode, suggest
 from pipeline.tuning.storage import counts, trial_id
-from pipeline.tuning.study import Search, trial_config
+from pipeline.tuning.study import Search, trial_config, trial_run_name
 
 
 NUMBER = "optuna_trial"
@@ -116,19 +116,28 @@ def train_trial(params: dict[str, Any], cfg, prepared, study_name: str, parent_r
     """One Ray trial: the study's params as a config, trained through the loop on this worker."""
     params = dict(params)
     number = params.pop(NUMBER)
-    trial_cfg = trial_config(cfg, decode(params, cfg.tune.space))
+    searched = decode(params, cfg.tune.space)
+    trial_cfg = trial_config(cfg, searched)
     device = devices.resolve_device(trial_cfg.train.device)
     torch.set_num_threads(max(1, int(cfg.tune.ray_cpus_per_trial)))
     model, train_batches, val_batches = training.setup(trial_cfg, prepared.to(device), device)
-    with training.tracked_run(trial_cfg, f"{study_name}-trial-{number:03d}", "trial", prepared.md5,
+    name = trial_run_name(study_name, number)
+    with training.tracked_run(trial_cfg, name, "trial", prepared.md5,
                               parent_run_id=parent_run_id, finished_on=(SystemExit,),  # how Ray stops a trial
                               tags={"optuna.study": study_name, "optuna.trial": str(number),
                                     "ray.trial_id": ray_tune.get_context().get_trial_id(),
                                     "torch.threads": str(torch.get_num_threads())}) as run:
         if run:
             run.log_config()
-        callbacks = ([run.metrics] if run else []) + [ReportToRay(cfg.tune.metric, trial_cfg.train.monitor_window)]
-        loop.fit_run(loop.Run(model, trial_cfg.train, train_batches, val_batches, callbacks), device)
+        tensorboard = board.TensorBoard(board.run_dir(trial_cfg, name), trial_cfg, hparams=searched) \
+            if trial_cfg.tracking.tensorboard else None
+        callbacks = ([run.metrics] if run else []) + ([tensorboard] if tensorboard else []) + [
+            ReportToRay(cfg.tune.metric, trial_cfg.train.monitor_window)]
+        try:
+            loop.fit_run(loop.Run(model, trial_cfg.train, train_batches, val_batches, callbacks), device)
+        finally:
+            if tensorboard:
+                tensorboard.close()  # a trial Ray stopped keeps the epochs it trained
 
 
 def run(search: Search) -> bool:
@@ -143,8 +152,12 @@ def run(search: Search) -> bool:
     mode = "min" if cfg.tune.direction == "minimize" else "max"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = time.monotonic()
-    ray.init(address=cfg.tune.ray_address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-             log_to_driver=False, logging_level=logging.ERROR)
+    address = cfg.tune.ray_address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    except (ConnectionError, TimeoutError) as err:
+        raise UserError(f"Ray cluster {address}: it does not answer ({first_line(err)}); start it, or unset "
+                        "tune.ray_address / RAY_ADDRESS to run a Ray on this machine") from None
     try:
         searcher = StudySearch(cfg.tune.epochs, space=Space(cfg.tune.space), metric=cfg.tune.metric,
                                 mode=mode, sampler=study.sampler, study_name=study.study_name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import subprocess
 import sys
 import time
@@ -128,6 +129,8 @@ def tune(cfg: Config, prepared_dir: Path, worker_args: list[str]) -> dict:
     """Run the search with `tune.workers` processes, then write reports; returns the best-params record."""
     if not cfg.tune.space:
         raise UserError("tune.space is empty: declare at least one param to search")
+    if cfg.tune.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UserError("tune.engine ray needs Ray Tune, which is not installed: pip install -e '.[ray]'")
     search = open_search(cfg, prepared_dir)
     study = search.study
     finished, _, _ = counts(study)

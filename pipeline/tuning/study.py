@@ -78,6 +78,11 @@ class Search:
         self.population = self.population or self.cfg.tune.population
 
 
+def trial_run_name(study_name: str, number: int) -> str:
+    """A trial's name in MLflow and TensorBoard."""
+    return f"{study_name}-trial-{number:03d}"
+
+
 def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
     """What a trial with `params` trains: tune.epochs, judged on tune.metric, never resumed."""
     return cfg.with_overrides({**params, "train.epochs": cfg.tune.epochs, "train.monitor": cfg.tune.metric,

@@ -20,7 +20,7 @@ from pipeline.errors import first_line
 from pipeline.metrics import EpochMetrics
 from pipeline.tuning.space import shared_params, suggest
 from pipeline.tuning.storage import OWNER, beat, counts, fail_dead_trials, trial_id
-from pipeline.tuning.study import Search, trial_config
+from pipeline.tuning.study import Search, trial_config, trial_run_name
 
 TRIAL_FAILURES = (loop.NonFiniteLossError, torch.cuda.OutOfMemoryError)
 
@@ -75,7 +75,7 @@ class TrialRun:
         self.search, self.trial, self.trial_id = search, trial, number
         self.params = suggest(trial, search.cfg.tune.space)
         self.cfg = trial_config(search.cfg, self.params)
-        self.run = self.pruning = self.trained = None
+        self.run = self.pruning = self.trained = self.board = None
         self.alone = False  # trains one at a time, whatever tune.population says (see `start`)
         self._closing = contextlib.ExitStack()
         trial.set_user_attr("threads", torch.get_num_threads())  # shapes its numbers (summation order); see config
@@ -85,7 +85,7 @@ class TrialRun:
         search, cfg, trial = self.search, self.cfg, self.trial
         model, train_batches, val_batches = training.setup(cfg, search.prepared, search.device)
         self.run = self._closing.enter_context(training.tracked_run(
-            cfg, f"{search.study.study_name}-trial-{trial.number:03d}", "trial", search.prepared.md5,
+            cfg, trial_run_name(search.study.study_name, trial.number), "trial", search.prepared.md5,
             parent_run_id=search.parent_run_id, finished_on=(optuna.TrialPruned,),
             tags={"optuna.study": search.study.study_name, "optuna.trial": str(trial.number),
                   "torch.threads": str(torch.get_num_threads())}))
@@ -94,7 +94,12 @@ class TrialRun:
             self.run.log_config()  # the trial's whole config: what `reproduce` or a person needs
         # tracking first: a pruned trial's last epoch must still reach MLflow
         self.pruning = OptunaPruning(trial, cfg.tune.metric)
-        callbacks = ([self.run.metrics] if self.run else []) + [self.pruning]
+        if cfg.tracking.tensorboard:
+            from pipeline import board
+
+            self.board = board.TensorBoard(board.run_dir(cfg, trial_run_name(search.study.study_name, trial.number)),
+                                           cfg, hparams=self.params)
+        callbacks = ([self.run.metrics] if self.run else []) + ([self.board] if self.board else []) + [self.pruning]
         self.trained = loop.Run(model, cfg.train, train_batches, val_batches, callbacks, key=self)
         self.alone = population.alone(self.trained, search.device, search.prepared.input_shape[1:])
         return self.trained
@@ -113,6 +118,8 @@ class TrialRun:
             trial.set_user_attr("fail_reason", note)
         if self.run:
             self.run.closing_tags["optuna.state"] = state.name
+        if self.board:
+            self.board.close()  # a pruned or failed trial keeps the epochs it trained
         try:
             self._closing.__exit__(type(error) if error else None, error, error.__traceback__ if error else None)
         finally:  # the study hears how the trial ended even if its MLflow run could not be closed
