@@ -170,7 +170,8 @@ def _track_replicates(cfg, run_name, name, runs, prepared, tracked: contextlib.E
     from pipeline import board, training
 
     data_md5, several = prepared.md5, len(runs) > 1
-    images = prepared.train.take(torch.arange(min(32, len(prepared.train))))  # TensorBoard's look at the inputs
+    images = prepared.train.take(torch.arange(min(32, len(prepared.train)))) \
+        if cfg.tracking.tensorboard else None  # TensorBoard's look at the inputs
     resumed = [run.checkpoints.load() if cfg.train.resume else None for run in runs]
     continued = next((run.checkpoints.meta.get("mlflow_parent_run_id") for run, state in zip(runs, resumed)
                       if state), None)

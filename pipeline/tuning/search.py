@@ -134,8 +134,9 @@ def tune(cfg: Config, prepared_dir: Path, worker_args: list[str]) -> dict:
     search = open_search(cfg, prepared_dir)
     study = search.study
     finished, _, _ = counts(study)
+    who = "Ray Tune" if cfg.tune.engine == "ray" else f"{cfg.tune.workers} worker(s)"
     print(f"[tune] study {study.study_name} on {redact(storage_url(cfg.tune))}: {finished}/{cfg.tune.n_trials} "
-          f"trials finished so far, {cfg.tune.workers} worker(s)", flush=True)
+          f"trials finished so far, {who}", flush=True)
     with _parent_run(search) as parent:
         if cfg.tune.engine == "ray":
             from pipeline.tuning import ray_engine
