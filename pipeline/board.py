@@ -55,7 +55,7 @@ class TensorBoard(loop.Callback):
         if not history:
             if self.images is not None:
                 self.writer.add_images("inputs", self.images.cpu(), 0)
-            self.writer.add_text("config", f"```\n{_config_text(self.cfg)}\n```", 0)
+            self.writer.add_text("config", f"```\n{self.cfg.public_yaml()}\n```", 0)
 
     def on_epoch_end(self, m: EpochMetrics) -> None:
         for name, value in asdict(m).items():
@@ -77,8 +77,3 @@ class TensorBoard(loop.Callback):
         if self.writer is not None:
             self.writer.close()
 
-
-def _config_text(cfg: Config) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.public(), sort_keys=False)

@@ -386,6 +386,11 @@ class Config(Section):
         """The config as it may be shown or logged: credentials in store URLs masked."""
         return json.loads(redact(json.dumps(self.model_dump())))
 
+    def public_yaml(self) -> str:
+        """`public` as YAML, in params.yaml's order: the config a run logs (MLflow's config.yaml, TensorBoard's
+        text)."""
+        return yaml.safe_dump(self.public(), sort_keys=False)
+
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}

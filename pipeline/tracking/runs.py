@@ -155,9 +155,7 @@ class TrackedRun:
                 self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
 
     def log_config(self) -> None:
-        import yaml
-
-        self.client.log_text(self.run_id, yaml.safe_dump(self.cfg.public(), sort_keys=False), "config.yaml")
+        self.client.log_text(self.run_id, self.cfg.public_yaml(), "config.yaml")
 
     def log_model(self, model_file: Path, example, probabilities, registered_name: str | None,
                   selection: dict[str, float]) -> None:
