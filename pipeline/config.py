@@ -252,6 +252,12 @@ class TuneConfig(Section):
     ray_cpus_per_trial: float = Field(1, gt=0, le=1024, description="tune.engine ray: CPUs (threads) per trial")
     ray_gpus_per_trial: float = Field(0, ge=0, le=64, description="tune.engine ray: GPUs per trial; a fraction "
                                                                   "shares one GPU among trials")
+    ray_max_failures: int = Field(2, ge=0, le=100, description="tune.engine ray: restarts of a trial whose worker "
+                                                               "or node was lost, each from its last epoch's "
+                                                               "checkpoint, before the trial fails")
+    ray_storage: str | None = Field(None, description="tune.engine ray: where Ray keeps trial checkpoints; on a "
+                                                      "cluster, a path every node shares (NFS) or s3://, gs://; "
+                                                      "default ray_results/ in this repo")
     workers: int = Field(1, ge=1, le=256, description="worker processes on this machine (more machines: start "
                                                       "tune on each)")
     population: int = Field(16, ge=1, le=256, description="trials trained at once by each worker: those of the same "
@@ -567,7 +573,7 @@ _SET_BY_SEARCH = {"epochs", "monitor", "resume"}
 # Where and how a search runs, not which trials it runs. (A trial's threads follow tune.workers: another thread
 # count sums in another order, which bf16 autocast shows at ~1e-3, but the study is the same.)
 _RUNTIME_TUNE = {"workers", "storage", "lock", "heartbeat_interval", "grace_period", "ray_address",
-                 "ray_cpus_per_trial", "ray_gpus_per_trial"}
+                 "ray_cpus_per_trial", "ray_gpus_per_trial", "ray_max_failures", "ray_storage"}
 _RUNTIME_TRIAL = {"threads"}
 # How much of a search to run, and who schedules its trials: a bigger budget or another engine continues the same
 # study. (A population trains its trials as they would train alone, but asks the sampler at other moments; Ray

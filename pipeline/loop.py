@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,20 +251,24 @@ class Run:
         else:
             self.bad_epochs += 1
         if self.checkpoints:  # Checkpoints.writer: only one rank writes
-            self.checkpoints.save({
-                "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
-                "scaler": self.scaler.state_dict(), "history": [asdict(m) for m in self.history],
-                "best_epoch": self.best_epoch, "best_score": self.best_score, "best_state": self.best_state,
-                "bad_epochs": self.bad_epochs,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                        "batches": self.train_batches.state_dict()},
-            })
+            self.checkpoints.save(self.state())
         with processes.signals_deferred():  # an epoch reaches every callback or none (tracking and pruner agree)
             for callback in self.callbacks:
                 callback.on_epoch_end(metrics)
         self._finish_if_done()
+
+    def state(self) -> dict:
+        """Everything an exact resume after the last epoch needs (what `Checkpoints` saves and `start` loads)."""
+        return {
+            "epoch": len(self.history), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "scaler": self.scaler.state_dict(), "history": [asdict(m) for m in self.history],
+            "best_epoch": self.best_epoch, "best_score": self.best_score, "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "batches": self.train_batches.state_dict()},
+        }
 
     def _finish_if_done(self) -> None:
         """All epochs run, or early stopping's patience used up: the run's result, and its callbacks told."""
@@ -301,6 +305,14 @@ def fit(model: nn.Module, train_batches, val_batches, cfg: TrainConfig, device: 
 
 def fit_run(run: Run, device: torch.device, world: distributed.World = distributed.World()) -> FitResult:
     """`fit` for a run already put together (e.g. one of a config's seed replicates)."""
+    for _ in epochs(run, device, world):
+        pass
+    return run.result
+
+
+def epochs(run: Run, device: torch.device, world: distributed.World = distributed.World()) -> Iterator[EpochMetrics]:
+    """The loop itself, an epoch at a time: starts `run`, then trains and evaluates one epoch per `next`, yielding
+    its metrics, until the run has its result. A caller that drives epochs itself (Ray Tune's `step`) pulls them."""
     model, cfg = run.model, run.cfg
     run.start(device, world)
     trained = distributed.wrap(model, device, world)  # DistributedDataParallel when there are several ranks
@@ -313,7 +325,7 @@ def fit_run(run: Run, device: torch.device, world: distributed.World = distribut
         train = train_one_epoch(forward, run, dtype, device, world)
         val = evaluate(judged, run.val_batches, dtype, device)
         run.end_epoch(train, val, time.perf_counter() - tick)
-    return run.result
+        yield run.history[-1]
 
 
 def train_one_epoch(model: nn.Module, run: Run, dtype: torch.dtype | None, device: torch.device,

@@ -95,6 +95,9 @@ def range_test(run: loop.Run, device: torch.device, start_lr: float = 1e-7, end_
         run.scaler.scale(loss).backward()
         run.step()
         value = loss.item()
+        if not losses and not math.isfinite(value):
+            raise UserError(f"the loss is {value} on the first batch, before any learning rate acted: the model "
+                            f"gives non-finite outputs on this data; check its weights and inputs")
         if losses and smooth > 0:
             value = smooth * value + (1 - smooth) * losses[-1]
         best = min(best, value)

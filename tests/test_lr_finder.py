@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from torch_lr_finder import LRFinder
 
 from pipeline import loop, lr_finder, optim, training
+from pipeline.errors import UserError
 
 from helpers import run_cli
 
@@ -47,3 +48,11 @@ def test_lr_find_writes_its_curve_and_says_the_range_to_search(prepared_repo):
     low, high = reading["usable"]
     assert low < reading["steepest"] <= high and reading["steepest"] in [float(row["lr"]) for row in rows]
     assert f"tune.space.train.lr.low={low:.2e} -S tune.space.train.lr.high={high:.2e}" in result.stdout
+
+
+def test_a_loss_that_is_nan_from_the_first_step_is_named_as_such(digits, tiny_cfg):
+    model, train_batches, _ = training.setup(tiny_cfg, digits, CPU)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(UserError, match="the loss is nan on the first batch, before any learning rate acted"):
+        lr_finder.range_test(loop.Run(model, tiny_cfg.train, train_batches, []), CPU)

@@ -126,7 +126,7 @@ def test_a_sigkilled_last_trial_is_failed_retried_and_the_study_finished_by_a_re
     repo, _ = search_repo
     storage = storage_for(kind, tmp_path / kind)
     (tmp_path / kind).mkdir()
-    edit_params(repo, {"model.name": "cnn", "tune.epochs": 60, "tune.warmup_epochs": 100, "tune.storage": storage,
+    edit_params(repo, {"model.name": "cnn", "tune.epochs": 30, "tune.warmup_epochs": 100, "tune.storage": storage,
                        "tune.space": CONTINUOUS, "tracking.enabled": False,
                        "tune.population": 1})  # one trial at a time: the second is the last one running
     # two trials of a few seconds each: kill the process during the second, the last one, as a power cut would

@@ -31,23 +31,29 @@ class RunMetrics(Callback):
 
     A synchronous `log_metric` costs ~6 ms on SQLite; one `log_batch` every
     `flush_every_s` seconds (and at the end) keeps tracking off the hot path.
-    A resumed run first sends the epochs its killed predecessor had not flushed.
+    A resumed run first sends the epochs its killed predecessor had not flushed,
+    and skips those it had sent beyond its resume point (a Ray trial's
+    checkpoint is taken after the epoch's metrics went out).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every_s: float):
+    def __init__(self, client: MlflowClient, run_id: str, flush_every_s: float, continued: bool = False):
         self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
+        self.continued = continued
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
         self.seconds_spent = 0.0  # measured tracking overhead, reported in the run
+        self.logged: set[int] = set()  # epochs a continued run already holds
 
     def on_fit_start(self, model, history: list[EpochMetrics]) -> None:
-        if history:
-            logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_loss")}
-            for m in history:
-                if m.epoch not in logged:
-                    self.on_epoch_end(m)
+        if self.continued:
+            self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_loss")}
+        for m in history:
+            self.on_epoch_end(m)
 
     def on_epoch_end(self, m: EpochMetrics) -> None:
+        if m.epoch in self.logged:
+            return
+        self.logged.add(m.epoch)
         now = int(time.time() * 1000)
         self.pending += [Metric(name, float(getattr(m, name)), now, m.epoch) for name in NAMES if name != "epoch"]
         if time.monotonic() - self.last_flush >= self.flush_every_s:
@@ -103,7 +109,8 @@ class TrackedRun:
             params = [Param(key, str(value)) for key, value in flatten(self.cfg.public()).items()]
             for start in range(0, len(params), 100):  # log_batch takes up to 100 params
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
-        self.metrics = RunMetrics(self.client, self.run_id, self.cfg.tracking.flush_every_s)
+        self.metrics = RunMetrics(self.client, self.run_id, self.cfg.tracking.flush_every_s,
+                                  continued=self.run_id == self.continue_run_id)
         if self.cfg.tracking.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -208,6 +215,20 @@ def run_exists(client: MlflowClient, run_id: str) -> bool:
         return True
     except MlflowException:
         return False
+
+
+def child_runs(client: MlflowClient, parent_run_id: str, tag: str, values: list[str],
+               running_only: bool = False) -> list[str]:
+    """The runs nested under `parent_run_id` whose `tag` is one of `values` (e.g. the Ray trial a restarted worker
+    continues), oldest first."""
+    if not values:
+        return []
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    where = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    if running_only:
+        where += " and attributes.status = 'RUNNING'"
+    runs = client.search_runs([experiment], where, max_results=50000, order_by=["attributes.start_time ASC"])
+    return [run.info.run_id for run in runs if run.data.tags.get(tag) in set(values)]
 
 
 def mark_best_version(client: MlflowClient, name: str, metric: str, data_md5: str) -> str | None:
