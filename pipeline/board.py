@@ -8,6 +8,9 @@ names (`EpochMetrics`: train_loss, val_accuracy, lr, ...), stepped by epoch, the
 same names MLflow gets; the HParams tab compares runs by their config (a search's
 trials by their searched params and the value each is judged on).
 
+`evaluate` adds a folder per evaluated model, `evaluate-<run>`, with its test
+confusion matrix and its training curves as images.
+
 A resumed run continues its folder: the event files of the interrupted process
 hold epochs after the resume point that the run trains again, and
 `purge_step` tells TensorBoard to drop those.
@@ -32,6 +35,19 @@ FLUSH_SECONDS = 10  # a run being watched shows its epochs within this long
 def run_dir(cfg: Config, run_name: str) -> Path:
     """A run's folder: runs/<experiment>/<its MLflow run name>."""
     return paths.tensorboard_dir() / cfg.experiment / run_name
+
+
+def add_pictures(log_dir: Path, pictures: dict[str, Path]) -> None:
+    """Figures a stage drew (a model's test confusion matrix, its curves) as images of the TensorBoard run in
+    `log_dir`, replacing what an earlier run of the stage put there."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir), purge_step=0) as writer:
+        for tag, path in pictures.items():
+            with Image.open(path) as picture:
+                writer.add_image(tag, np.asarray(picture.convert("RGB")), 0, dataformats="HWC")
 
 
 class TensorBoard(loop.Callback):

@@ -88,12 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(optionally REV:RUN, default RUN final)")
     compare.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table to FILE")
     lr_find = commands.add_parser("lr-find", parents=[common],
-                                  help="learning-rate range test: where the loss falls fastest, and the range to "
-                                       "search (tune.space) -> reports/lr_find/NAME/")
+                                  help="learning-rate range test (lr_find.*): where the loss falls fastest, "
+                                       "and the range to search -> reports/lr_find/NAME/")
     lr_find.add_argument("--model", help="model to test (default: model.name)")
-    lr_find.add_argument("--start-lr", type=float, default=1e-7, metavar="LR")
-    lr_find.add_argument("--end-lr", type=float, default=10.0, metavar="LR")
-    lr_find.add_argument("--steps", type=positive_int, default=100, metavar="N", help="training steps, one per lr")
     ui = commands.add_parser("ui", parents=[common],
                              help="mlflow ui + optuna-dashboard + tensorboard on 127.0.0.1 (Ctrl-C stops)")
     ui.add_argument("--mlflow-port", type=int, default=5000)
@@ -180,6 +177,8 @@ def run(args: argparse.Namespace) -> None:
         worker_args = ["--params", args.params, *(f"--set={item}" for item in args.overrides),
                        f"--set=tune.workers={cfg.tune.workers}"]
         stages.tune(cfg, worker_args, worker=args.worker)
+    elif args.command == "lr-find":
+        stages.lr_find(cfg)
     elif args.command == "evaluate":
         stages.evaluate(cfg)
     elif args.command == "report":
@@ -197,7 +196,5 @@ def run(args: argparse.Namespace) -> None:
             commands.experiments(cfg, args.markdown)
         elif args.command == "compare":
             commands.compare(cfg, args.sources, args.markdown)
-        elif args.command == "lr-find":
-            commands.lr_find(cfg, args.start_lr, args.end_lr, args.steps)
         elif args.command == "ui":
             commands.ui(cfg, args.mlflow_port, args.optuna_port, args.tensorboard_port, args.verbose)

@@ -1,4 +1,4 @@
-"""Commands for people, beside the DVC stages: predict, reproduce, compare, lr-find, ui."""
+"""Commands for people, beside the DVC stages: predict, reproduce, compare, ui."""
 
 from __future__ import annotations
 
@@ -275,34 +275,6 @@ def plots(out: Path, revisions: list[str]) -> None:
     print(f"{out / 'index.html'}: every plot, rendered offline (open it in a browser)")
 
 
-def lr_find(cfg: Config, start_lr: float, end_lr: float, steps: int) -> None:
-    """The learning-rate range test for cfg's model, optimizer and batch size on the prepared data: prints where
-    the loss falls fastest and the range to search, and writes the curve (csv, png) and that reading (json) to
-    reports/lr_find/<model>/."""
-    from pipeline import data, devices, files, loop, lr_finder, reporting, training
-
-    lr_finder.check(start_lr, end_lr, steps)
-    prepared = data.load_prepared(paths.PREPARED_DIR)
-    device = devices.resolve_device(cfg.train.device)
-    devices.set_threads(cfg.train.threads, 1)
-    model, train_batches, _ = training.setup(cfg, prepared, device)
-    test = lr_finder.range_test(loop.Run(model, cfg.train, train_batches, []), device, start_lr, end_lr, steps)
-    reading = test.summary()
-    low, high = reading["usable"]
-    out, name = paths.lr_find_dir(cfg.model.name), cfg.model.name
-    files.write_csv(out / "lr_find.csv", ["lr", "loss"], zip(test.lrs, test.losses))
-    reporting.plot_lr_range(*test.window(), reading["steepest"], reading["usable"], out / "lr_find.png",
-                            f"{name}, {cfg.train.optimizer}, batch {cfg.train.batch_size}: range test")
-    files.write_json(out / "lr_find.json", {
-        "model": name, "optimizer": cfg.train.optimizer, "batch_size": cfg.train.batch_size, "start_lr": start_lr,
-        "end_lr": end_lr, **reading, "config_fingerprint": cfg.fingerprint(), "data.md5": prepared.md5})
-    how = "until the loss diverged" if test.stopped_early else f"up to {end_lr:g}"
-    print(f"[lr-find] {name}: the loss falls fastest at lr {reading['steepest']:.2e}; usable {low:.2e} .. {high:.2e} "
-          f"({len(test.lrs)} steps from {start_lr:g} {how}) -> {out}/\n"
-          f"  to search inside it: dvc exp run -S tune.space.train.lr.low={low:.2e} "
-          f"-S tune.space.train.lr.high={high:.2e}")
-
-
 def ui(cfg: Config, mlflow_port: int, optuna_port: int, tensorboard_port: int, verbose: bool = False,
        ready_timeout_s: float = 120) -> None:
     """Serve the MLflow UI, optuna-dashboard and (with tracking.tensorboard) TensorBoard on 127.0.0.1 against
@@ -340,7 +312,7 @@ def ui(cfg: Config, mlflow_port: int, optuna_port: int, tensorboard_port: int, v
         for name, (command, _) in servers.items():
             log = None if verbose else open(log_dir / f"{name.split()[0].lower()}.log", "w")
             running[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                             start_new_session=True)
+                                             start_new_session=True, env={**os.environ, **mlflow_ui.SERVER_ENV})
         pending = dict(servers)
         deadline = time.monotonic() + ready_timeout_s
         while True:

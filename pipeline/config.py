@@ -24,6 +24,7 @@ from pipeline.metrics import DIRECTIONS, Monitor
 MAX_PARAMS_BYTES = 1 << 20
 MAX_EPOCHS = 100_000  # every count has a bound, checked before anything runs: 10**23 epochs is a typo
 MAX_REPLICATES = 64  # each one's model is held in memory while they train together
+LR_FIND_SKIP = (10, 5)  # the range test reads its suggestion without its first and last steps (lr_finder)
 Width = Annotated[int, Field(ge=1, le=65_536)]  # a layer's width
 DatasetName = Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"]  # datasets.KINDS (one list: a test)
 ModelName = Literal["logreg", "mlp", "cnn", "digit_recognizer", "resnet18", "mobilenet_v3_small"]
@@ -190,6 +191,20 @@ class TrackingConfig(Section):
                                                 "<repo>/runs (`make ui` serves them)")
 
 
+class LrFindConfig(Section):
+    min_lr: float = Field(1e-7, gt=0, description="the range test's first learning rate")
+    max_lr: float = Field(10.0, gt=0, le=1e6, description="its last: the loss has diverged well before it")
+    steps: int = Field(100, ge=sum(LR_FIND_SKIP) + 2, le=100_000,
+                       description="training steps, one per rate, geometrically from min_lr to max_lr (the "
+                                   "suggestion is read without the first 10 and the last 5)")
+
+    @model_validator(mode="after")
+    def _a_range(self) -> LrFindConfig:
+        if not self.min_lr < self.max_lr:
+            raise ValueError(f"min_lr ({self.min_lr:g}) must be below max_lr ({self.max_lr:g})")
+        return self
+
+
 class SearchDimension(Section):
     """One searched param: a numeric range (low/high, optional log/step) or a list of choices."""
 
@@ -278,6 +293,9 @@ class TuneConfig(Section):
                               description="a trial without heartbeat this long is stale: failed + retried")
     space: dict[str, SearchDimension] = Field(default_factory=dict, description="searched params by dotted key: "
                                                                             "{low, high, log?, step?} or {choices}")
+    lr_from_finder: bool = Field(False, description="search train.lr a decade either side of the lr_find stage's "
+                                                    "suggestion for model.name (log scale), whatever tune.space "
+                                                    "says of it: the range test's coarse step, then the search")
 
     @property
     def direction(self) -> str:
@@ -307,6 +325,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
+    lr_find: LrFindConfig = LrFindConfig()
 
     @field_validator("comparison")
     @classmethod
@@ -581,6 +600,8 @@ _RUNTIME_TRIAL = {"threads"}
 _BUDGET_TUNE = {"n_trials", "timeout", "population", "engine"}
 # What happens once the trials are done (the confirmation): the same study, another winner.
 _AFTER_SEARCH_TUNE = {"confirm"}
+# Where a space comes from, not the space: the study hashes the space it searches (stages.lr_from_finder).
+_SPACE_SOURCE_TUNE = {"lr_from_finder"}
 
 
 def _section_keys(section: str, model: type[BaseModel], skip: set[str] = frozenset()) -> list[str]:
@@ -597,11 +618,11 @@ def study_keys() -> list[str]:
     """Params that define a search (its study name hashes these): change one and it is another study."""
     return ["seed", "data.augment", *_section_keys("model", ModelConfig),
             *_section_keys("train", TrainConfig, _SET_BY_SEARCH | _RUNTIME_TRIAL),
-            *_section_keys("tune", TuneConfig, _RUNTIME_TUNE | _BUDGET_TUNE | _AFTER_SEARCH_TUNE)]
+            *_section_keys("tune", TuneConfig, _RUNTIME_TUNE | _BUDGET_TUNE | _AFTER_SEARCH_TUNE | _SPACE_SOURCE_TUNE)]
 
 
 def search_keys() -> list[str]:
-    """Params that can change a search's outcome: the study's definition, its budget, and its confirmation (with
-    how many seeds)."""
+    """Params that can change a search's outcome: the study's definition, where its space comes from, its budget,
+    and its confirmation (with how many seeds)."""
     return [*study_keys(), *(f"tune.{name}" for name in TuneConfig.model_fields
-                             if name in _BUDGET_TUNE | _AFTER_SEARCH_TUNE), "replicates"]
+                             if name in _SPACE_SOURCE_TUNE | _BUDGET_TUNE | _AFTER_SEARCH_TUNE), "replicates"]

@@ -1,7 +1,7 @@
 """The learning-rate range test ("LR finder", Smith 2017): the coarse step of picking a learning rate.
 
 A few hundred training steps while the learning rate grows exponentially from
-`start_lr` to `end_lr`, one step per rate, recording the loss smoothed as
+`min_lr` to `max_lr`, one step per rate, recording the loss smoothed as
 torch-lr-finder smooths it. Where the loss falls fastest (`steepest`, the
 suggestion torch-lr-finder's plot makes) is a good single learning rate; the
 usable range runs from a tenth of it up to the larger of it and a tenth of
@@ -17,6 +17,7 @@ schedule. A test holds its curve against torch-lr-finder's `range_test`
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -25,23 +26,24 @@ import numpy as np
 import torch
 
 from pipeline import loop
+from pipeline.config import LR_FIND_SKIP
 from pipeline.errors import UserError
 
-SKIP_START, SKIP_END = 10, 5  # torch-lr-finder's defaults: the first steps are noise, the last diverging
+SKIP_START, SKIP_END = LR_FIND_SKIP  # torch-lr-finder's defaults: the first steps are noise, the last diverging
 
 
 @dataclass
 class RangeTest:
     lrs: list[float]
     losses: list[float]  # smoothed, as plotted
-    stopped_early: bool  # the loss diverged before end_lr
+    stopped_early: bool  # the loss diverged before max_lr
 
     def window(self) -> tuple[list[float], list[float]]:
         """(lrs, losses) without the first and last steps, as torch-lr-finder reads and plots them."""
         end = len(self.losses) - SKIP_END
         if end - SKIP_START < 2:
             raise UserError(f"the loss diverged after {len(self.losses)} steps, too few to read a learning rate "
-                            f"from (at least {SKIP_START + SKIP_END + 2}); lower --start-lr")
+                            f"from (at least {SKIP_START + SKIP_END + 2}); lower lr_find.min_lr")
         return self.lrs[SKIP_START:end], self.losses[SKIP_START:end]
 
     def steepest(self) -> float:
@@ -63,20 +65,21 @@ class RangeTest:
                 "steps": len(self.lrs), "stopped_early": self.stopped_early}
 
 
-def check(start_lr: float, end_lr: float, steps: int) -> None:
-    if not 0 < start_lr < end_lr < math.inf:
-        raise UserError(f"the range test needs 0 < --start-lr < --end-lr, got {start_lr:g} and {end_lr:g}")
-    if steps < SKIP_START + SKIP_END + 2:
-        raise UserError(f"--steps {steps}: the range test reads its suggestion from steps {SKIP_START + 1} to "
-                        f"{SKIP_END} before the last, so it needs at least {SKIP_START + SKIP_END + 2}")
-
-
-def range_test(run: loop.Run, device: torch.device, start_lr: float = 1e-7, end_lr: float = 10.0,
+def range_test(run: loop.Run, device: torch.device, min_lr: float = 1e-7, max_lr: float = 10.0,
                steps: int = 100, smooth: float = 0.05, diverge: float = 5.0) -> RangeTest:
     """Train `run` for up to `steps` batches (its batches epoch after epoch), the learning rate going from
-    `start_lr` to `end_lr` geometrically; stop once the smoothed loss exceeds `diverge` times its best. Each
+    `min_lr` to `max_lr` geometrically; stop once the smoothed loss exceeds `diverge` times its best. Each
     parameter group keeps its ratio to train.lr (a pretrained backbone's train.backbone_lr)."""
-    check(start_lr, end_lr, steps)
+    borrowed_cfg, borrowed_weights = run.cfg, copy.deepcopy(run.model.state_dict())
+    try:
+        return _sweep(run, device, min_lr, max_lr, steps, smooth, diverge)
+    finally:  # the model goes back as it came (its optimizer and schedule are this test's own: `Run.start`)
+        run.model.load_state_dict(borrowed_weights)
+        run.cfg = borrowed_cfg
+
+
+def _sweep(run: loop.Run, device: torch.device, min_lr: float, max_lr: float, steps: int, smooth: float,
+           diverge: float) -> RangeTest:
     run.cfg = run.cfg.model_copy(update={"scheduler": "none", "resume": False})
     run.start(device)
     ratios = [group["lr"] / run.cfg.lr for group in run.optimizer.param_groups]
@@ -85,7 +88,7 @@ def range_test(run: loop.Run, device: torch.device, start_lr: float = 1e-7, end_
     lrs, losses, best = [], [], math.inf
     run.model.train()
     for step in range(steps):
-        lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
+        lr = min_lr * (max_lr / min_lr) ** (step / (steps - 1))
         for group, ratio in zip(run.optimizer.param_groups, ratios):
             group["lr"] = lr * ratio
         inputs, labels = next(batches)

@@ -49,8 +49,11 @@ def eval_dir(run_name: str) -> Path:
 
 
 def lr_find_dir(model: str) -> Path:
-    """`lr-find`'s record for a model: no stage's output, kept beside the search range chosen from it."""
+    """The range test of a model (the lr_find stage's outputs, for model.name): its curve, plot and suggestion."""
     return REPORTS_DIR / "lr_find" / model
+
+
+LR_CURVE, LR_PLOT, LR_SUGGESTION = "lr_find.csv", "lr_find.png", "suggestion.json"  # in lr_find_dir
 
 
 PREDICTIONS = "predictions.npz"  # in eval_dir: every replicate's test-set probabilities (`compare` reads them)

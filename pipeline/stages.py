@@ -19,11 +19,18 @@ from pipeline.errors import UserError
 from pipeline.paths import FINAL, RunPaths
 
 _DATA = ["data.name", "data.path", "data.follow_symlinks", "data.checksums"]
+# what a run does between its steps: the range test sets each step's rate itself (keeping a pretrained backbone's
+# ratio to train.lr) and runs no epochs
+_NOT_IN_A_STEP = {"train.epochs", "train.scheduler", "train.step_size", "train.gamma",
+                  "train.monitor", "train.monitor_window", "train.patience"}
 PARAMS: dict[str, list[str]] = {
     "download": _DATA,
     "prepare": [*_DATA, "data.image_size", "data.channels", "data.skip_bad_images", "data.memory_limit_mb",
                 "data.val_fraction", "data.test_fraction", "data.split_seed"],
     "train": [key for key in training_keys() if key != "model.name"],  # train@<model> sets the name
+    # the range test of the model the search tunes: the model, how it trains a step, the sweep
+    "lr_find": ["seed", "data.augment", "model", *(key for key in training_keys() if key.startswith("train.")
+                                                   and key not in _NOT_IN_A_STEP), "lr_find"],
     # the study name holds data.name; CPU threads set the order of sums, which bf16 numbers show
     "tune": [*search_keys(), "data.name", "train.threads"],
     "train_final": training_keys(),
@@ -269,10 +276,63 @@ def _log_training(cfg, parent, own_runs, run_name, run_paths, summary, runs, shi
                          selection={"val_loss": best.val_loss, "val_accuracy": best.val_accuracy})
 
 
+def lr_find(cfg: Config) -> None:
+    """The learning-rate range test for model.name, with its optimizer, batch size and data (lr_find.*): the curve,
+    its plot and the suggestion -> reports/lr_find/<model>/, and the same as an MLflow run."""
+    from pipeline import data, devices, files, loop, lr_finder, reporting, training
+
+    prepared = data.load_prepared(paths.PREPARED_DIR)
+    device = devices.resolve_device(cfg.train.device)
+    devices.set_threads(cfg.train.threads, 1)
+    model, train_batches, _ = training.setup(cfg, prepared, device)
+    sweep = cfg.lr_find
+    test = lr_finder.range_test(loop.Run(model, cfg.train, train_batches, []), device, sweep.min_lr, sweep.max_lr,
+                                sweep.steps)
+    reading = test.summary()
+    low, high = reading["usable"]
+    out, name = paths.lr_find_dir(cfg.model.name), cfg.model.name
+    files.write_csv(out / paths.LR_CURVE, ["lr", "loss"], zip(test.lrs, test.losses))
+    reporting.plot_lr_range(*test.window(), reading["steepest"], reading["usable"], out / paths.LR_PLOT,
+                            f"{name}, {cfg.train.optimizer}, batch {cfg.train.batch_size}: range test")
+    files.write_json(out / paths.LR_SUGGESTION, {
+        "model": name, "optimizer": cfg.train.optimizer, "batch_size": cfg.train.batch_size,
+        "min_lr": sweep.min_lr, "max_lr": sweep.max_lr, **reading, "data.md5": prepared.md5})
+    if cfg.tracking.enabled:
+        from pipeline import tracking
+
+        tracking.log_lr_find(cfg, f"lr_find-{name}", prepared.md5, test.lrs, test.losses, reading, out)
+    how = "until the loss diverged" if test.stopped_early else f"up to {sweep.max_lr:g}"
+    print(f"[lr-find] {name}: the loss falls fastest at lr {reading['steepest']:.2e}; usable {low:.2e} .. {high:.2e} "
+          f"({len(test.lrs)} steps from {sweep.min_lr:g} {how}) -> {out}/\n"
+          f"  to search a decade either side of it: dvc exp run -S tune.lr_from_finder=true")
+
+
+def lr_from_finder(cfg: Config, say: bool = True) -> Config:
+    """cfg searching train.lr a decade either side of the range test's suggestion for model.name (log scale):
+    tune.lr_from_finder. The study is named by the space it searches, so a new suggestion is a new study."""
+    from pipeline import files
+
+    path = paths.lr_find_dir(cfg.model.name) / paths.LR_SUGGESTION
+    record = files.read_json(path, "run `python -m pipeline lr-find` (or `dvc repro lr_find`) to write it, or set "
+                                   "tune.lr_from_finder to false")
+    steepest = record.get("steepest") if isinstance(record, dict) else None
+    if not (isinstance(steepest, float) and steepest > 0 and record.get("model") == cfg.model.name):
+        raise UserError(f"{path} is not a range test of {cfg.model.name}: run `python -m pipeline lr-find` (or "
+                        "`dvc repro lr_find`) to write it")
+    low, high = steepest / 10, steepest * 10
+    if say:
+        print(f"[tune] train.lr searched in {low:.2e} .. {high:.2e}, a decade either side of the range test's "
+              f"suggestion ({path})", flush=True)
+    space = {**cfg.model_dump()["tune"]["space"], "train.lr": {"low": low, "high": high, "log": True}}
+    return cfg.with_overrides({"tune.space": space}, source=str(path))
+
+
 def tune(cfg: Config, worker_args: list[str], worker: bool = False) -> None:
     """Optuna search over tune.space for model.name -> reports/tune/ (best_params.json, trials, plots)."""
     from pipeline import devices, tuning
 
+    if cfg.tune.lr_from_finder:
+        cfg = lr_from_finder(cfg, say=not worker)
     devices.set_threads(cfg.train.threads, cfg.tune.workers if worker else 1)  # workers share the cores
     if worker:
         tuning.work(cfg, paths.PREPARED_DIR)
@@ -348,6 +408,11 @@ def evaluate(cfg: Config) -> None:
         reporting.plot_confusion(matrix, prepared.classes, out / "confusion_matrix.png",
                                  title=f"{run_label(run_name, model_name)} on {cfg.data.name}: "
                                        f"accuracy {metrics['accuracy']:.4f}")
+        if cfg.tracking.tensorboard:
+            from pipeline import board
+
+            board.add_pictures(board.run_dir(cfg, f"evaluate-{run_name}"), {
+                "test/confusion_matrix": out / "confusion_matrix.png", "train/curves": run_paths.curves})
         if cfg.tracking.enabled:
             from pipeline import tracking
 

@@ -139,7 +139,9 @@ def start(directory: Path) -> dict[str, str]:
                     "auth_cache_ttl_seconds = 60\n")
     server_env = {**os.environ, **env, "MLFLOW_AUTH_CONFIG_PATH": str(auth),
                   "MLFLOW_AUTH_ADMIN_PASSWORD": mlflow_password,
-                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+                  # no job runners (huey consumers, a process each) for GenAI jobs the pipeline never submits
+                  "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server_env.pop("MLFLOW_TRACKING_URI", None)
     log = open(directory / "mlflow-server.log", "w")
     server = subprocess.Popen(

@@ -140,7 +140,7 @@ def config_reads(monkeypatch, cfg, call) -> set[str]:
 
     def register(made):
         params.update(id(section) for section in (made, made.data, made.data.augment, made.model, made.train,
-                                                  made.tracking, made.tune, *made.tune.space.values()))
+                                                  made.tracking, made.tune, made.lr_find, *made.tune.space.values()))
         return made
 
     register(cfg)
@@ -148,7 +148,7 @@ def config_reads(monkeypatch, cfg, call) -> set[str]:
 
     prefixes = {config.Config: "", config.DataConfig: "data.", config.AugmentConfig: "data.augment.",
                 config.ModelConfig: "model.", config.TrainConfig: "train.", config.TrackingConfig: "tracking.",
-                config.TuneConfig: "tune.", config.SearchDimension: "tune.space.*."}
+                config.TuneConfig: "tune.", config.SearchDimension: "tune.space.*.", config.LrFindConfig: "lr_find."}
     read: set[str] = set()
     original = config.Section.__getattribute__
 
@@ -179,7 +179,8 @@ def test_each_stage_reads_only_the_params_dvc_yaml_gives_it(repo_copy, monkeypat
         "tracking.enabled=false", "comparison=[logreg]", "train.device=cpu", "train.threads=1"])
     runs = {"download": lambda: stages.download(cfg), "prepare": lambda: stages.prepare(cfg),
             "train": lambda: stages.train(cfg.for_model("logreg"), "logreg"),
-            "tune": lambda: stages.tune(cfg, []),
+            "lr_find": lambda: stages.lr_find(cfg.with_overrides({"lr_find.steps": 20})),
+            "tune": lambda: stages.tune(cfg.with_overrides({"tune.lr_from_finder": True}), []),
             "train_final": lambda: stages.train(stages.tuned(cfg, paths.BEST_PARAMS), paths.FINAL),
             "evaluate": lambda: stages.evaluate(cfg), "report": lambda: stages.report(cfg)}
     from pipeline import config

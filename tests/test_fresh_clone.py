@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import browser, drawn_charts, run_cli, by_role, edit_params, git, run_dvc, stores
 from pipeline.evaluation import KEYS
@@ -51,6 +52,12 @@ def test_fresh_clone_shows_everything_and_reruns_change_nothing(repo_copy, tmp_p
     assert f"| {final['accuracy']:.4f} [{final['accuracy_ci95_low']:.3f}, {final['accuracy_ci95_high']:.3f}] |" \
         in compare
     assert (repo_copy / "reports/plots/confusion.png").stat().st_size > 1000
+    # TensorBoard: each evaluated model's test confusion matrix and training curves, beside its runs' scalars
+    for run_name in ("logreg", "final"):
+        board = EventAccumulator(str(repo_copy / "runs/digits" / f"evaluate-{run_name}"), size_guidance={"images": 0})
+        board.Reload()
+        assert set(board.Tags()["images"]) == {"test/confusion_matrix", "train/curves"}, run_name
+        assert board.Images("test/confusion_matrix")[0].width > 100
     assert not list((repo_copy / "checkpoints").rglob("*.pt")), "finished runs leave no resume point"
     edit_params(repo_copy, {"tracking.enabled": True})
     git(repo_copy, "add", "-A")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 import traceback
@@ -215,6 +216,23 @@ def run_exists(client: MlflowClient, run_id: str) -> bool:
         return True
     except MlflowException:
         return False
+
+
+def log_lr_find(cfg: Config, name: str, data_md5: str, lrs: list[float], losses: list[float], reading: dict,
+                folder: Path) -> str:
+    """The range test as an MLflow run: per step its rate and smoothed loss (a diverged last value is left out:
+    MLflow stores no infinities), the suggestion and the usable range, and `folder`'s curve and plot."""
+    with TrackedRun(cfg, name, "lr_find", data_md5) as run:
+        now = int(time.time() * 1000)
+        low, high = reading["usable"]
+        metrics = [Metric(key, value, now, step) for step, (lr, loss) in enumerate(zip(lrs, losses))
+                   if math.isfinite(loss) for key, value in (("lr_find_lr", lr), ("lr_find_loss", loss))]
+        metrics += [Metric(key, value, now, 0) for key, value in (
+            ("lr_suggestion", reading["steepest"]), ("lr_usable_low", low), ("lr_usable_high", high))]
+        for start in range(0, len(metrics), 1000):  # log_batch takes up to 1000
+            run.client.log_batch(run.run_id, metrics=metrics[start:start + 1000])
+        run.client.log_artifacts(run.run_id, str(folder), "lr_find")
+        return run.run_id
 
 
 def child_runs(client: MlflowClient, parent_run_id: str, tag: str, values: list[str],

@@ -10,6 +10,11 @@ from pipeline.config import Config
 from pipeline.tracking.store import connect, tracking_uri
 
 
+# MLflow's server starts job runners (huey consumers: one process each, importing MLflow) for GenAI jobs this
+# pipeline never submits; they double the server's processes and its start-up CPU.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def command(cfg: Config, port: int) -> list[str]:
     """`mlflow ui` on 127.0.0.1 against this project's store (its schema created, a dead server named first)."""
     uri = tracking_uri(cfg.tracking)
