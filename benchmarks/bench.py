@@ -507,7 +507,8 @@ def run_search(prepared: data.PreparedData, overrides: list[str]) -> SearchRun:
     finally:
         os.chdir(cwd)
     return SearchRun(seconds, sum(len(t.intermediate_values) for t in study.trials), record["value"],
-                     record["params"], passes["passes"], max(steps for _, steps in passes["trials"].values()))
+                     record["params"], passes["passes"],  # no population ran under Ray Tune: no fused passes
+                     max((steps for _, steps in passes["trials"].values()), default=0))
 
 
 def retrain_noise(prepared: data.PreparedData, search: SearchRun, overrides: list[str], seeds: int) -> float:
@@ -544,6 +545,34 @@ def compare_pruning(args, prepared: data.PreparedData, device: torch.device) -> 
               extra={"seconds": [pruned.seconds, full.seconds], "best": [pruned.best, full.best],
                      "noise_stdev": noise})
     return [row]
+
+
+def compare_ray(args, prepared: data.PreparedData, device: torch.device) -> list[Row]:
+    """The same search, one trial at a time with the cores' threads, run by this repo's Optuna engine and by Ray
+    Tune (tune.engine: ray): seconds per epoch trained, and Ray's cost per trial beyond training (its wall time
+    less its start-up and its epochs at the Optuna engine's rate, over its trials)."""
+    import ray
+
+    size = ["tune.n_trials=6", "tune.epochs=3"] if args.quick else ["tune.n_trials=12", "tune.epochs=5"]
+    common = [f"train.device={device.type}", "tune.population=1", "tune.startup_trials=2", "tune.warmup_epochs=1",
+              "tune.confirm=0", f"tune.ray_cpus_per_trial={args.threads}", *size]
+    tick = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.shutdown()
+    startup = time.perf_counter() - tick
+    ours, theirs = run_search(prepared, common), run_search(prepared, ["tune.engine=ray", *common])
+    per_epoch = ours.seconds / ours.epochs
+    trials = int(next(item for item in size if item.startswith("tune.n_trials")).split("=")[1])
+    overhead = (theirs.seconds - startup - theirs.epochs * per_epoch) / trials
+    trial = theirs.seconds / trials
+    return [Row("search, Ray Tune engine", "optuna engine", "ray engine", "s/epoch", [per_epoch],
+                [theirs.seconds / theirs.epochs],
+                note=f"Ray's cost per trial beyond training {overhead:.2f} s ({overhead / trial:.0%} of its mean trial "
+                     f"{trial:.1f} s; Ray publishes about 14% for 10,000 one-second trials), plus {startup:.1f} s to "
+                     f"start Ray; {trials} trials of {size[1].split('=')[1]} epochs, one at a time, "
+                     f"{ours.epochs} vs {theirs.epochs} epochs trained (successive halving vs ASHA)",
+                extra={"seconds": [ours.seconds, theirs.seconds], "epochs": [ours.epochs, theirs.epochs],
+                       "ray_startup_seconds": startup, "ray_overhead_per_trial_seconds": overhead})]
 
 
 def compare_population(args, digits_data: data.PreparedData, mnist: data.PreparedData, device: torch.device
@@ -843,6 +872,7 @@ def main() -> int:
                 ("intervals", lambda: compare_intervals(args)),
                 ("search", lambda: compare_pruning(args, digits(), device)),
                 ("population", lambda: compare_population(args, digits(), mnist, device)),
+                ("ray", lambda: compare_ray(args, digits(), device)),
                 ("replicates", lambda: compare_replicates(args, digits(), device)),
                 ("pipeline", lambda: compare_pipeline(args))]
     if torch.cuda.is_available():  # the GPU set, on top of the CPU comparisons
@@ -894,7 +924,7 @@ def cpu_name() -> str:
 EXPECTED = ("data path, num_workers=0", "data path, num_workers=2", "epoch, mlp", "epoch, cnn", "epoch vs Lightning",
             "prepare, decode a JPEG folder", "epoch, streamed vs resident",
             "tracking, per epoch", "tracking, per run", "evaluate, 95% intervals", "search, pruning",
-            "search, digits, cnn, population",
+            "search, Ray Tune engine", "search, digits, cnn, population",
             "search, MNIST-format, cnn, population", "pipeline, dvc repro from scratch",
             "pipeline, no-op dvc repro")
 

@@ -73,7 +73,8 @@ def test_other_training_code_has_another_resume_key(repo_copy):
 
 
 def test_ui_stops_with_one_line_naming_the_server_that_could_not_start(repo_copy, tmp_path):
-    """optuna-dashboard's port is taken: ui names it in one line (exit 2) and leaves no MLflow UI running."""
+    """TensorBoard's port is taken: ui names it in one line (exit 2) and leaves no MLflow UI running (each server
+    fails alike: the first to exit is named)."""
     import socket
 
     import psutil
@@ -84,12 +85,12 @@ def test_ui_stops_with_one_line_naming_the_server_that_could_not_start(repo_copy
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         process = subprocess.run([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
-                                  "--optuna-port", str(taken.getsockname()[1]), "--tensorboard-port", str(free_port()),
+                                  "--optuna-port", str(free_port()), "--tensorboard-port", str(taken.getsockname()[1]),
                                   "--set", f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}"],
                                  cwd=repo_copy, env=env, capture_output=True, text=True, timeout=120)
     lines = process.stderr.strip().splitlines()
     assert process.returncode == 2 and len(lines) == 1, process.stderr
-    assert lines[0].startswith("error: Optuna dashboard exited with code ") and "its log: " in lines[0]
+    assert lines[0].startswith("error: TensorBoard exited with code ") and "its log: " in lines[0]
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if f"--port {mlflow_port}" in " ".join(p.info["cmdline"] or [])], "the MLflow UI was left running"
 

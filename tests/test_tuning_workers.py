@@ -61,14 +61,14 @@ def test_sigterm_during_a_population_keeps_finished_trials_and_marks_the_interru
     still training are failed in the study and their runs KILLED, as a sequential search leaves them; a re-run
     finishes the study without re-running the finished ones."""
     repo, storage = search_repo
-    edit_params(repo, {"model.name": "cnn", "tune.epochs": 40, "tune.warmup_epochs": 100, "tune.startup_trials": 0,
+    edit_params(repo, {"model.name": "cnn", "tune.epochs": 20, "tune.warmup_epochs": 100, "tune.startup_trials": 0,
                        "tune.space": CONTINUOUS, "tune.sampler": "random", "tune.population": 3})
     process = start_tune(repo, "--set", "tune.n_trials=6", env=tracked_env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        # mid-way: not a trial of the first population that is being told it finished, all 40 epochs done
+        # mid-way: not a trial of the first population that is being told it finished, all 20 epochs done
         midway = [t for t in training(storage, CONTINUOUS)
-                  if "mlflow_run_id" in t.user_attrs and 1 <= len(t.intermediate_values) < 40]
+                  if "mlflow_run_id" in t.user_attrs and 1 <= len(t.intermediate_values) < 20]
         if completed(storage) and len(midway) >= 2:
             break  # a population trains, after a trial of the search finished
         time.sleep(0.1)

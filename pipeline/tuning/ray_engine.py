@@ -119,6 +119,13 @@ class Trial(ray_tune.Trainable):
     def cleanup(self) -> None:
         self.closing.close()  # FINISHED: its epochs done, or stopped by ASHA (the study records it PRUNED)
 
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        """The next trial on this worker (TuneConfig.reuse_actors): this one closed as `cleanup` closes it, the
+        next set up in the same process, which saves a process start (its imports) per trial."""
+        self.cleanup()
+        self.setup(new_config)  # with_parameters' `setup` fetches the same cfg and tensors again
+        return True
+
     def _start(self) -> None:
         cfg = self.cfg
         device = devices.resolve_device(cfg.train.device)
@@ -228,7 +235,7 @@ def run(search: Search) -> bool:
         tuner = ray_tune.Tuner(
             trainable,
             tune_config=ray_tune.TuneConfig(
-                search_alg=searcher, num_samples=missing,
+                search_alg=searcher, num_samples=missing, reuse_actors=True,
                 scheduler=ASHAScheduler(time_attr="training_iteration", metric=cfg.tune.metric, mode=mode,
                                         max_t=cfg.tune.epochs, grace_period=max(1, cfg.tune.warmup_epochs))),
             run_config=ray_tune.RunConfig(
