@@ -555,7 +555,7 @@ def compare_ray(args, prepared: data.PreparedData, device: torch.device) -> list
 
     size = ["tune.n_trials=6", "tune.epochs=3"] if args.quick else ["tune.n_trials=12", "tune.epochs=5"]
     common = [f"train.device={device.type}", "tune.population=1", "tune.startup_trials=2", "tune.warmup_epochs=1",
-              "tune.confirm=0", f"tune.ray_cpus_per_trial={args.threads}", *size]
+              "tune.confirm=0", f"tune.resources.cpu={args.threads}", *size]
     tick = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.shutdown()

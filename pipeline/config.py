@@ -238,6 +238,13 @@ class SearchDimension(Section):
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
 
+class TrialResources(Section):
+    """What Ray Tune reserves for each trial (tune.engine ray)."""
+
+    cpu: float = Field(1, gt=0, le=1024, description="CPUs per trial (its torch threads: the whole part)")
+    gpu: float = Field(0, ge=0, le=64, description="GPUs per trial; a fraction shares one GPU among trials")
+
+
 class TuneConfig(Section):
     n_trials: int = Field(24, ge=1, le=100_000,
                           description="trials counted: complete + pruned + running, across all workers")
@@ -264,9 +271,7 @@ class TuneConfig(Section):
                               "its OptunaSearch proposing from the same study and ASHA stopping trials")
     ray_address: str | None = Field(None, description="tune.engine ray: the cluster (ray://host:10001, auto); "
                                                       "default RAY_ADDRESS, else a Ray started on this machine")
-    ray_cpus_per_trial: float = Field(1, gt=0, le=1024, description="tune.engine ray: CPUs (threads) per trial")
-    ray_gpus_per_trial: float = Field(0, ge=0, le=64, description="tune.engine ray: GPUs per trial; a fraction "
-                                                                  "shares one GPU among trials")
+    resources: TrialResources = TrialResources()
     ray_max_failures: int = Field(2, ge=0, le=100, description="tune.engine ray: restarts of a trial whose worker "
                                                                "or node was lost, each from its last epoch's "
                                                                "checkpoint, before the trial fails")
@@ -305,7 +310,7 @@ class TuneConfig(Section):
     def _workers_are_the_optuna_engines(self) -> TuneConfig:
         if self.engine == "ray" and self.workers > 1:
             raise ValueError("tune.workers starts the optuna engine's worker processes; with tune.engine ray, Ray "
-                             "places the trials itself: set tune.workers to 1 (and tune.ray_cpus_per_trial)")
+                             "places the trials itself: set tune.workers to 1 (and tune.resources.cpu)")
         return self
 
 
@@ -592,7 +597,7 @@ _SET_BY_SEARCH = {"epochs", "monitor", "resume"}
 # Where and how a search runs, not which trials it runs. (A trial's threads follow tune.workers: another thread
 # count sums in another order, which bf16 autocast shows at ~1e-3, but the study is the same.)
 _RUNTIME_TUNE = {"workers", "storage", "lock", "heartbeat_interval", "grace_period", "ray_address",
-                 "ray_cpus_per_trial", "ray_gpus_per_trial", "ray_max_failures", "ray_storage"}
+                 "resources", "ray_max_failures", "ray_storage"}
 _RUNTIME_TRIAL = {"threads"}
 # How much of a search to run, and who schedules its trials: a bigger budget or another engine continues the same
 # study. (A population trains its trials as they would train alone, but asks the sampler at other moments; Ray

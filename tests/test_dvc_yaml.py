@@ -140,7 +140,8 @@ def config_reads(monkeypatch, cfg, call) -> set[str]:
 
     def register(made):
         params.update(id(section) for section in (made, made.data, made.data.augment, made.model, made.train,
-                                                  made.tracking, made.tune, made.lr_find, *made.tune.space.values()))
+                                                  made.tracking, made.tune, made.tune.resources, made.lr_find,
+                                                  *made.tune.space.values()))
         return made
 
     register(cfg)
@@ -148,7 +149,8 @@ def config_reads(monkeypatch, cfg, call) -> set[str]:
 
     prefixes = {config.Config: "", config.DataConfig: "data.", config.AugmentConfig: "data.augment.",
                 config.ModelConfig: "model.", config.TrainConfig: "train.", config.TrackingConfig: "tracking.",
-                config.TuneConfig: "tune.", config.SearchDimension: "tune.space.*.", config.LrFindConfig: "lr_find."}
+                config.TuneConfig: "tune.", config.SearchDimension: "tune.space.*.", config.LrFindConfig: "lr_find.",
+                config.TrialResources: "tune.resources."}
     read: set[str] = set()
     original = config.Section.__getattribute__
 

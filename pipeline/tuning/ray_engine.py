@@ -4,8 +4,8 @@ The study stays the pipeline's own Optuna study: Ray Tune's `OptunaSearch`
 proposes each trial from it (this search's sampler, space and storage, the
 untuned settings first), so optuna-dashboard, the confirmation over seeds, the
 reports and `train_final` read the same study whichever engine ran it. Ray
-places each trial on a worker with `tune.ray_cpus_per_trial` CPUs and
-`tune.ray_gpus_per_trial` GPUs (fractions share a GPU) and stops the
+places each trial on a worker with `tune.resources` (CPUs, and GPUs whose
+fractions share a GPU) and stops the
 unpromising ones with its ASHA scheduler (first rung at tune.warmup_epochs, as
 the successive-halving pruner). Each trial trains through the shared loop, an
 epoch per Ray step, and reports the value it is judged on so far (its best
@@ -129,7 +129,7 @@ class Trial(ray_tune.Trainable):
     def _start(self) -> None:
         cfg = self.cfg
         device = devices.resolve_device(cfg.train.device)
-        torch.set_num_threads(max(1, int(cfg.tune.ray_cpus_per_trial)))
+        torch.set_num_threads(max(1, int(cfg.tune.resources.cpu)))
         model, train_batches, val_batches = training.setup(cfg, self.prepared.to(device), device)
         name = trial_run_name(self.study_name, self.number)
         continued = self._lost_run()
@@ -231,7 +231,7 @@ def run(search: Search) -> bool:
         trainable = ray_tune.with_resources(
             ray_tune.with_parameters(Trial, cfg=cfg, prepared=search.prepared.to(torch.device("cpu")),
                                      study_name=study.study_name, parent_run_id=search.parent_run_id),
-            {"cpu": cfg.tune.ray_cpus_per_trial, "gpu": cfg.tune.ray_gpus_per_trial})
+            {"cpu": cfg.tune.resources.cpu, "gpu": cfg.tune.resources.gpu})
         tuner = ray_tune.Tuner(
             trainable,
             tune_config=ray_tune.TuneConfig(
