@@ -186,7 +186,8 @@ class TrialLines(ray_tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self.restarts += 1
         epochs = (trial.last_result or {}).get("epoch", 0)
-        self._line(trial, f"RESTART  its worker was lost; again from epoch {epochs + 1} on another one")
+        self._line(trial, f"RESTART  its worker was lost after epoch {epochs}: it goes on from its last checkpoint "
+                          "on another")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result
