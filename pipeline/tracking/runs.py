@@ -229,8 +229,8 @@ def log_lr_find(cfg: Config, name: str, data_md5: str, lrs: list[float], losses:
                    if math.isfinite(loss) for key, value in (("lr_find_lr", lr), ("lr_find_loss", loss))]
         metrics += [Metric(key, value, now, 0) for key, value in (
             ("lr_suggestion", reading["steepest"]), ("lr_usable_low", low), ("lr_usable_high", high))]
-        for start in range(0, len(metrics), 1000):  # log_batch takes up to 1000
-            run.client.log_batch(run.run_id, metrics=metrics[start:start + 1000])
+        run.metrics.pending += metrics
+        run.metrics.flush()  # in batches log_batch takes
         run.client.log_artifacts(run.run_id, str(folder), "lr_find")
         return run.run_id
 
