@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline import data, devices, loop, models, population, processes, training  # noqa: E402
+from pipeline import batching, data, devices, loop, models, population, processes, training  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 RESULTS = REPO / "docs" / "bench"  # one JSON per device a full run measured: docs/performance.md is made from them
@@ -201,8 +201,8 @@ def our_epoch(cfg, prepared: data.PreparedData, device: torch.device):
 
 def compare_data_path(args, root: Path, prepared: data.PreparedData) -> list[Row]:
     dataset = tutorial_dataset(root)
-    transform = data.BatchTransform(prepared.mean, prepared.std, None)
-    ours_batches = data.TensorBatches(prepared.train, 64, transform, shuffle=True,
+    transform = batching.BatchTransform(prepared.mean, prepared.std, None)
+    ours_batches = batching.TensorBatches(prepared.train, 64, transform, shuffle=True,
                                       generator=torch.Generator().manual_seed(0))
 
     def ours() -> float:

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from bench import cpu_name, digits  # noqa: E402
-from pipeline import data, loop, paths, population, processes, training  # noqa: E402
+from pipeline import batching, data, loop, paths, population, processes, training  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.metrics import is_better  # noqa: E402
 
@@ -96,7 +96,7 @@ def measure(name: str, overrides: list[str], seeds: int, prepared: data.Prepared
     runs, observers = [], []
     for each in training.replicate_configs(cfg):
         model, train_batches, val_batches = training.setup(each, prepared, device)
-        test = data.eval_batches(prepared.test, prepared.mean, prepared.std, device)
+        test = batching.eval_batches(prepared.test, prepared.mean, prepared.std, device)
         observers.append(TestEachEpoch(test))
         runs.append(loop.Run(model, each.train, train_batches, val_batches, [observers[-1]]))
     tick = time.perf_counter()

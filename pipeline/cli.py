@@ -157,32 +157,46 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipeline import stages
     from pipeline.config import load_config
     from pipeline.paths import FINAL
 
+    # each stage's module is imported in its own branch: its code deps in dvc.yaml are that module's imports
     cfg = load_config(args.params, args.overrides, model=getattr(args, "model", None))
     if args.command == "download":
-        stages.download(cfg)
+        from pipeline.stages.download import download
+
+        download(cfg)
     elif args.command == "prepare":
-        stages.prepare(cfg)
+        from pipeline.stages.prepare import prepare
+
+        prepare(cfg)
     elif args.command == "train":
+        from pipeline.stages.train import train, tuned
+
         if args.tuned:
-            cfg = stages.tuned(cfg, Path(args.tuned))
-        stages.train(cfg, FINAL if args.final else cfg.model.name)
+            cfg = tuned(cfg, Path(args.tuned))
+        train(cfg, FINAL if args.final else cfg.model.name)
     elif args.command == "tune":
+        from pipeline.stages.tune import tune
+
         if args.workers:
             cfg = cfg.with_overrides({"tune.workers": args.workers}, source="--workers")
         # the workers see this process's params, and how many they are (to share the cores)
         worker_args = ["--params", args.params, *(f"--set={item}" for item in args.overrides),
                        f"--set=tune.workers={cfg.tune.workers}"]
-        stages.tune(cfg, worker_args, worker=args.worker)
+        tune(cfg, worker_args, worker=args.worker)
     elif args.command == "lr-find":
-        stages.lr_find(cfg)
+        from pipeline.stages.lr_find import lr_find
+
+        lr_find(cfg)
     elif args.command == "evaluate":
-        stages.evaluate(cfg)
+        from pipeline.stages.evaluate import evaluate
+
+        evaluate(cfg)
     elif args.command == "report":
-        stages.report(cfg, Path(args.tuned) if args.tuned else None)
+        from pipeline.stages.report import report
+
+        report(cfg, Path(args.tuned) if args.tuned else None)
     else:  # commands for people, not DVC stages
         from pipeline import commands
 

@@ -52,8 +52,10 @@ def reproduce(cfg: Config, run_id: str, within_seeds: bool = False) -> None:
     """Retrain an MLflow run from its logged config on the same data and compare its test metrics: exactly where
     that is promised (CPU, or CUDA with deterministic kernels), else (or with `within_seeds`) against the spread
     its model's seed replicates measured: each metric within mean ± 2 std over the seeds."""
-    from pipeline import data, devices, evaluation, stages, tracking
+    from pipeline import data, devices, evaluation, tracking
     from pipeline.config import parse_yaml, validate
+    from pipeline.stages.evaluate import predict_test_set
+    from pipeline.stages.train import train
 
     logged, tags, logged_metrics = tracking.fetch_run(cfg, run_id)
     original = validate(parse_yaml(logged, f"run {run_id} config.yaml"), source=f"run {run_id} config.yaml")
@@ -80,9 +82,9 @@ def reproduce(cfg: Config, run_id: str, within_seeds: bool = False) -> None:
     role = tags.get("pipeline.role", original.model.name)
     with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:  # never touches models/ or reports/
         run_paths = RunPaths.of(role, Path(scratch))
-        stages.train(retrain, role, run_paths)
+        train(retrain, role, run_paths)
         model_file = run_paths.replicate_model(original.seed) if "replicate.index" in tags else run_paths.model
-        y_true, probabilities, _ = stages.predict_test_set(model_file, prepared, device)
+        y_true, probabilities, _ = predict_test_set(model_file, prepared, device)
     new = {f"test_{k}": v for k, v in evaluation.classification_metrics(y_true, probabilities.argmax(1)).items()}
     old = {key: logged_metrics.get(key) for key in new}
 

@@ -605,7 +605,7 @@ _RUNTIME_TRIAL = {"threads"}
 _BUDGET_TUNE = {"n_trials", "timeout", "population", "engine"}
 # What happens once the trials are done (the confirmation): the same study, another winner.
 _AFTER_SEARCH_TUNE = {"confirm"}
-# Where a space comes from, not the space: the study hashes the space it searches (stages.lr_from_finder).
+# Where a space comes from, not the space: the study hashes the space it searches (stages/tune.py:lr_from_finder).
 _SPACE_SOURCE_TUNE = {"lr_from_finder"}
 
 

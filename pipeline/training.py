@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, devices, distributed, loop, models
+from pipeline import batching, data, devices, distributed, loop, models
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.metrics import EpochMetrics, is_better
@@ -39,7 +39,7 @@ def setup(cfg: Config, prepared: data.PreparedData, device: torch.device,
     model = models.build_model(cfg.model, prepared.input_shape, prepared.num_classes)
     models.start_from_weights(model, cfg.model)
     mean, std = models.input_stats(cfg.model, prepared.mean, prepared.std)
-    train_batches, val_batches = data.training_batches(
+    train_batches, val_batches = batching.training_batches(
         dataclasses.replace(prepared, mean=mean, std=std), cfg.train.batch_size, cfg.data.augment, cfg.seed, device,
         drop_last=cfg.train.drop_last, channels_last=devices.uses_channels_last(cfg.train, model),
         shard=(world.rank, world.size), workers=cfg.data.loader_workers)

@@ -479,33 +479,37 @@ def stage_config(**data):
 
 
 def test_mnist_download_prepare_train_through_the_stages(monkeypatch, tmp_path, mirror, fake_mnist):
-    from pipeline import stages
+    from pipeline.stages.download import download
+    from pipeline.stages.prepare import prepare
+    from pipeline.stages.train import train
 
     publish_idx(monkeypatch, mirror, MNIST, fake_mnist)
     monkeypatch.chdir(tmp_path)
     cfg = stage_config(name="mnist", mirror=mirror.url, val_fraction=0.2)
-    stages.download(cfg)
-    stages.prepare(cfg)
+    download(cfg)
+    prepare(cfg)
     prepared = __import__("pipeline.data", fromlist=["load_prepared"]).load_prepared(tmp_path / "data/prepared")
     assert (len(prepared.train), len(prepared.val), len(prepared.test)) == (48, 12, 20)  # official test kept
     assert prepared.input_shape == (1, 28, 28) and prepared.classes == MNIST.classes
     assert torch.equal(prepared.test.labels, fake_mnist.test_labels)
     assert (tmp_path / "reports/data/samples.png").stat().st_size > 1000
-    stages.train(cfg.with_overrides({"model.name": "mlp"}), "mlp")
+    train(cfg.with_overrides({"model.name": "mlp"}), "mlp")
     assert (tmp_path / "models/mlp/model.pt").exists()
     assert sum(mirror.requests.values()) == 4
-    stages.download(cfg)  # verified files stay; nothing fetched again
+    download(cfg)  # verified files stay; nothing fetched again
     assert sum(mirror.requests.values()) == 4
 
 
 def test_cifar10_prepare_keeps_colour_and_official_test_split(monkeypatch, tmp_path, mirror, fake_cifar):
-    from pipeline import data, stages
+    from pipeline import data
+    from pipeline.stages.download import download
+    from pipeline.stages.prepare import prepare
 
     publish_cifar(monkeypatch, mirror, fake_cifar)
     monkeypatch.chdir(tmp_path)
     cfg = stage_config(name="cifar10", mirror=mirror.url, val_fraction=0.2)
-    stages.download(cfg)
-    stages.prepare(cfg)
+    download(cfg)
+    prepare(cfg)
     prepared = data.load_prepared(tmp_path / "data/prepared")
     assert prepared.input_shape == (3, 32, 32) and len(prepared.test) == 10 and len(prepared.mean) == 3
     assert prepared.classes == CIFAR_CLASSES

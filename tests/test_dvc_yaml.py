@@ -1,13 +1,12 @@
 """dvc.yaml says what each stage depends on and writes; these tests keep it true by deriving it from the code."""
 
 import ast
-from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers import REPO
-from helpers.imports import MODULES, _tree, closure, stage_modules
+from helpers.imports import MODULES, _tree, closure, stage_files, stage_modules
 from pipeline import paths, stages
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -20,7 +19,7 @@ def command(stage: dict) -> str:
 @pytest.mark.parametrize("name", list(DVC))
 def test_code_deps_are_exactly_the_modules_the_stage_imports(name):
     stage = DVC[name]
-    declared = {Path(dep).name for dep in stage["deps"] if dep.startswith("pipeline/")}
+    declared = {dep.removeprefix("pipeline/") for dep in stage["deps"] if dep.startswith("pipeline/")}
     assert declared == stage_modules(command(stage)), (
         f"{name}: missing {sorted(stage_modules(command(stage)) - declared)}, "
         f"not imported {sorted(declared - stage_modules(command(stage)))}")
@@ -35,8 +34,11 @@ def test_the_import_analysis_sees_lazy_imports_and_a_removed_dep_would_fail():
     # train imports MLflow's module only when tracking is on: it still counts
     assert "tracking" in stage_modules("train") and "tuning" not in stage_modules("train")
     assert "tuning" in stage_modules("tune") and "evaluation.py" in stage_modules("report")
+    # a stage's own module and the package's __init__.py count, its sibling stages' do not
+    assert {"stages/__init__.py", "stages/report.py"} <= stage_modules("report")
+    assert "stages/train.py" not in stage_modules("report")
     deps = [dep for dep in DVC["evaluate"]["deps"] if dep != "pipeline/loop.py"]
-    assert {Path(d).name for d in deps if d.startswith("pipeline/")} != stage_modules("evaluate")
+    assert {d.removeprefix("pipeline/") for d in deps if d.startswith("pipeline/")} != stage_modules("evaluate")
 
 
 def test_outputs_are_the_paths_the_code_writes():
@@ -73,15 +75,15 @@ def test_the_git_tracked_training_outputs_hold_no_wall_clock_values():
 
 
 def test_no_import_cycles_between_pipeline_modules():
-    for module in MODULES - {"__init__", "__main__"}:
+    for module in (MODULES | stage_files()) - {"__init__", "__main__"}:
         reached = closure({module}) - {module}
         assert all(module not in closure({other}) for other in reached if other not in ("cli", "__main__")), module
 
 
 def test_lower_modules_never_reach_up():
-    order = ["errors", "paths", "processes", "metrics", "files", "config", "datasets", "data", "models", "evaluation",
-             "comparison", "reporting", "distributed", "devices", "optim", "loop", "population", "board", "tracking",
-             "serving", "training", "lr_finder", "tuning", "stages", "commands", "cli"]
+    order = ["errors", "paths", "processes", "metrics", "files", "config", "datasets", "data", "batching", "models",
+             "evaluation", "comparison", "reporting", "distributed", "devices", "optim", "loop", "population", "board",
+             "tracking", "serving", "training", "lr_finder", "tuning", "stages", "commands", "cli"]
     assert set(order) == MODULES - {"__init__", "__main__"}
     for rank, module in enumerate(order):
         tree = _tree(module)
@@ -174,17 +176,24 @@ def test_each_stage_reads_only_the_params_dvc_yaml_gives_it(repo_copy, monkeypat
     the stage's params in dvc.yaml (or in NEVER_OUTPUTS, with its reason). A stage that starts reading a param
     without saying so (report reading model.name) would be left stale by `dvc repro` when that param changes."""
     from pipeline.config import load_config
+    from pipeline.stages.download import download
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.lr_find import lr_find
+    from pipeline.stages.prepare import prepare
+    from pipeline.stages.report import report
+    from pipeline.stages.train import train, tuned
+    from pipeline.stages.tune import tune
 
     monkeypatch.chdir(repo_copy)
     cfg = load_config(repo_copy / "params.yaml", [
         "train.epochs=1", "tune.epochs=1", "tune.n_trials=2", "tune.population=2", "tune.startup_trials=1",
         "tracking.enabled=false", "comparison=[logreg]", "train.device=cpu", "train.threads=1"])
-    runs = {"download": lambda: stages.download(cfg), "prepare": lambda: stages.prepare(cfg),
-            "train": lambda: stages.train(cfg.for_model("logreg"), "logreg"),
-            "lr_find": lambda: stages.lr_find(cfg.with_overrides({"lr_find.steps": 20})),
-            "tune": lambda: stages.tune(cfg.with_overrides({"tune.lr_from_finder": True}), []),
-            "train_final": lambda: stages.train(stages.tuned(cfg, paths.BEST_PARAMS), paths.FINAL),
-            "evaluate": lambda: stages.evaluate(cfg), "report": lambda: stages.report(cfg)}
+    runs = {"download": lambda: download(cfg), "prepare": lambda: prepare(cfg),
+            "train": lambda: train(cfg.for_model("logreg"), "logreg"),
+            "lr_find": lambda: lr_find(cfg.with_overrides({"lr_find.steps": 20})),
+            "tune": lambda: tune(cfg.with_overrides({"tune.lr_from_finder": True}), []),
+            "train_final": lambda: train(tuned(cfg, paths.BEST_PARAMS), paths.FINAL),
+            "evaluate": lambda: evaluate(cfg), "report": lambda: report(cfg)}
     from pipeline import config
 
     set_by = {"train": ["model.name"],  # train@<model> runs `train --model <model>`, and DVC tracks its cmd

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import data, devices, loop, optim, training
+from pipeline import batching, devices, loop, optim, training
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.metrics import TIMING
@@ -227,7 +227,7 @@ def test_diverging_loss_raises(digits, tiny_cfg):
         def forward(self, x):
             return self.linear(x.flatten(1)) * float("nan")
 
-    train_batches, val_batches = data.training_batches(digits, 64, tiny_cfg.data.augment, 0, CPU)
+    train_batches, val_batches = batching.training_batches(digits, 64, tiny_cfg.data.augment, 0, CPU)
     with pytest.raises(loop.NonFiniteLossError, match="training loss became nan in epoch 1"):
         loop.fit(Explodes(), train_batches, val_batches, tiny_cfg.train, CPU)
 

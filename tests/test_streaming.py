@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import edit_params, run_cli, write_digit_folder
-from pipeline import data, datasets
+from pipeline import batching, data, datasets
 from pipeline.datasets import folders
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -56,7 +56,7 @@ def test_streamed_batches_read_by_workers_equal_resident_ones(digits):
     streamed = data.Split(everything, labels[rows], rows)
     resident = data.Split(everything[rows], labels[rows])
     cfg = load_config(REPO / "params.yaml", ["data.augment.crop_padding=2", "data.augment.hflip=true"])
-    made = [data.training_batches(data.PreparedData(split, split, split, digits.classes, digits.mean, digits.std),
+    made = [batching.training_batches(data.PreparedData(split, split, split, digits.classes, digits.mean, digits.std),
                                   32, cfg.data.augment, 7, torch.device("cpu"), workers=workers)
             for split, workers in ((resident, 0), (streamed, 2))]
     for epoch in range(2):  # persistent workers, a new order each epoch

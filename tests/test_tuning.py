@@ -118,11 +118,11 @@ def test_diverging_trials_fail_with_reason_and_the_study_goes_on(search_repo, tr
 
 @pytest.fixture
 def in_prepared_repo(tmp_path, monkeypatch):
-    from pipeline import stages
     from pipeline.config import load_config
+    from pipeline.stages.prepare import prepare
 
     monkeypatch.chdir(tmp_path)
-    stages.prepare(load_config(REPO / "params.yaml"))
+    prepare(load_config(REPO / "params.yaml"))
     return tmp_path
 
 

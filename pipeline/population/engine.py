@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline import data, loop, processes
+from pipeline import batching, loop, processes
 from pipeline.loop import Run
 from pipeline.population import fusion
 from pipeline.population.stacking import Stack
@@ -89,7 +89,7 @@ def train_one_epoch(forward: nn.Module, group: list[Run], dtype: torch.dtype | N
     hits = torch.zeros(k, device=device, dtype=torch.long)
     seen = torch.zeros(k, device=device, dtype=torch.long)
     smoothing = torch.tensor([[run.cfg.label_smoothing] for run in group], device=device)
-    steps = data.together([run.train_batches for run in group])
+    steps = batching.together([run.train_batches for run in group])
     description = f"epoch {len(first.history) + 1}/{first.cfg.epochs} ({k} runs)"
     for inputs, labels in loop.progress(steps, description, len(first.train_batches)):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

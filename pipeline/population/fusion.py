@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline import data, devices
+from pipeline import batching, devices
 from pipeline.loop import Run
 
 # Config keys a run of a fused group may have of its own (the search lets each trial draw them;
@@ -62,7 +62,7 @@ def alone(run: Run, device: torch.device, image_size: tuple[int, int]) -> bool:
     """A run that gains nothing from company: never fused, computed one member per call on this device, or
     streamed. A population around it would only take turns, hold K models in memory, and (in a search) narrow
     the others' params to its own for nothing."""
-    return (fusion_key(run, device) is None or isinstance(run.train_batches, data.StreamBatches)
+    return (fusion_key(run, device) is None or isinstance(run.train_batches, batching.StreamBatches)
             or members_per_call(run.model, run.cfg.batch_size, image_size, device) == 1)
 
 

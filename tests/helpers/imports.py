@@ -1,10 +1,12 @@
 """Which pipeline modules a `python -m pipeline <command>` stage runs, read from the source (no execution).
 
 A stage runs the package's entry modules, the CLI branch of its command, the
-stage functions that branch calls (and the stage functions those call), and
-every pipeline module those import, at module level or inside functions,
-transitively. Lazy imports count: code that runs only with tracking on still
-decides what the stage writes.
+stage module that branch imports (pipeline/stages/<stage>.py, with the stages
+package's __init__.py), and every pipeline module those import, at module level
+or inside functions, transitively. Lazy imports count: code that runs only with
+tracking on still decides what the stage writes. Other sub-packages count whole
+(population/); the stages package counts file by file, so one stage's code is
+not another's dep.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 ENTRY = ("__init__", "__main__", "cli")
+PER_FILE = "stages"  # the sub-package whose files count one by one: "stages.train" is pipeline/stages/train.py
 # the pipeline's modules by name: its files (loop.py: "loop") and its sub-packages (population/: "population")
 MODULES = {path.stem for path in PACKAGE.glob("*.py")} | {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
 
@@ -29,9 +32,34 @@ def _tree(module: str) -> ast.Module:
                       type_ignores=[])
 
 
+def _file_tree(module: str) -> ast.Module:
+    """What importing `module` runs of the per-file package: "stages" is its __init__.py alone."""
+    if module == PER_FILE or module.startswith(PER_FILE + "."):
+        path = module.replace(".", "/") + ("/__init__.py" if module == PER_FILE else ".py")
+        return ast.parse((PACKAGE / path).read_text())
+    return _tree(module)
+
+
+def stage_files() -> set[str]:
+    """The stage modules, as `closure` names them: {"stages.train", ...}."""
+    return {f"{PER_FILE}.{path.stem}" for path in (PACKAGE / PER_FILE).glob("*.py") if path.stem != "__init__"}
+
+
 def file_name(module: str) -> str:
-    """How dvc.yaml names a module: its file (loop.py) or its sub-package's folder (population)."""
+    """How dvc.yaml names a module, under pipeline/: its file (loop.py), its sub-package's folder (population),
+    or a stage module's file (stages/train.py, stages/__init__.py)."""
+    if module == PER_FILE:
+        return f"{PER_FILE}/__init__.py"
+    if module.startswith(PER_FILE + "."):
+        return module.replace(".", "/") + ".py"
     return module if (PACKAGE / module).is_dir() else f"{module}.py"
+
+
+def _module(dotted: str) -> str:
+    """pipeline.loop -> loop; pipeline.tuning.search -> tuning (a package counts whole); pipeline.stages.train ->
+    stages.train."""
+    parts = dotted.split(".")[1:]
+    return f"{PER_FILE}.{parts[1]}" if parts[0] == PER_FILE and len(parts) > 1 else parts[0]
 
 
 def _imported(node: ast.AST) -> set[str]:
@@ -42,9 +70,9 @@ def _imported(node: ast.AST) -> set[str]:
             if item.module == "pipeline":
                 found |= {alias.name for alias in item.names if _is_module(alias.name)}
             elif item.module.startswith("pipeline."):
-                found.add(item.module.split(".")[1])
+                found.add(_module(item.module))
         elif isinstance(item, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in item.names if alias.name.startswith("pipeline.")}
+            found |= {_module(alias.name) for alias in item.names if alias.name.startswith("pipeline.")}
     return found
 
 
@@ -61,8 +89,10 @@ def closure(modules: set[str], shallow: set[str] = frozenset()) -> set[str]:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
+            if module.startswith(PER_FILE + "."):
+                todo.append(PER_FILE)  # importing a package's module runs its __init__.py first
             if module not in shallow:
-                todo += _imported(_tree(module)) - seen
+                todo += _imported(_file_tree(module)) - seen
     return seen
 
 
@@ -75,26 +105,8 @@ def _cli_branch(command: str) -> list[ast.stmt]:
     return [*branch.body, *(node for node in run.body if not isinstance(node, ast.If))]
 
 
-def stage_functions(command: str) -> set[str]:
-    """The functions of stages.py that `python -m pipeline <command>` calls: its CLI branch, then their callees."""
-    called = {node.attr for statement in _cli_branch(command) for node in ast.walk(statement)
-              if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "stages"}
-    functions = {node.name: node for node in _tree("stages").body if isinstance(node, ast.FunctionDef)}
-    todo, seen = list(called), set()
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in functions:
-            continue
-        seen.add(name)
-        todo += [node.id for node in ast.walk(functions[name]) if isinstance(node, ast.Name) and node.id in functions]
-    return seen
-
-
 def stage_modules(command: str) -> set[str]:
     """Every pipeline module `python -m pipeline <command>` can run, as dvc.yaml names them (`file_name`)."""
-    stages = _tree("stages")
-    functions = {node.name: node for node in stages.body if isinstance(node, ast.FunctionDef)}
-    direct = set().union(*(_module_level(_tree(module)) for module in ENTRY), _module_level(stages),
-                         *(_imported(statement) for statement in _cli_branch(command)),
-                         *(_imported(functions[name]) for name in stage_functions(command)))
-    return {file_name(module) for module in closure(direct | {*ENTRY, "stages"}, shallow={*ENTRY, "stages"})}
+    direct = set().union(*(_module_level(_tree(module)) for module in ENTRY),
+                         *(_imported(statement) for statement in _cli_branch(command)))
+    return {file_name(module) for module in closure(direct | set(ENTRY), shallow=set(ENTRY))}
