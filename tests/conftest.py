@@ -23,11 +23,13 @@ from helpers import REPO, copy_repo, edit_params, run_cli
 from pipeline.config import Config, load_config
 
 
-# The longest modules first: `make test` runs `-n 2 --dist loadscope --no-loadscope-reorder`, which hands out whole
-# modules in collection order; a long module handed out last would leave the other worker idle for most of it
-# (xdist's default order, most tests first, puts these one-test modules last).
-LONGEST_FIRST = ["test_fresh_clone", "test_machines", "test_tuning_workers", "test_tracking", "test_resume",
-                 "test_pipeline_e2e", "test_distributed", "test_tuning"]
+# Every module that takes more than a few seconds, longest first (as `--durations` measures them): `make test` runs
+# `-n 2 --dist loadscope --no-loadscope-reorder`, which hands out whole modules in this order to whichever worker
+# is nearly done, so the other worker never waits long at the end for a long module handed out last. xdist's own
+# order (most tests first) would put the one-test modules last; it knows no durations.
+LONGEST_FIRST = ["test_fresh_clone", "test_tuning_workers", "test_tracking", "test_resume", "test_machines",
+                 "test_tuning", "test_pipeline_e2e", "test_ray_tune", "test_bad_inputs", "test_distributed",
+                 "test_streaming", "test_lr_finder", "test_datasets", "test_dvc_yaml", "test_board"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -126,10 +128,22 @@ def mlflow_uris_restored():
         mlflow.set_registry_uri(None)
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store whose schema MLflow itself made, once per test worker: a copy spares each test
+    the migrations a new store runs (a fresh store's own creation: test_fresh_clone, test_tuning_workers)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = tmp_path_factory.mktemp("empty-store")
+    SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts"))
+    return folder / "mlflow.db"
+
+
 @pytest.fixture
-def tracked_env(tmp_path: Path, monkeypatch) -> dict:
+def tracked_env(tmp_path: Path, monkeypatch, empty_mlflow_store: Path) -> dict:
     """MLFLOW_TRACKING_URI pointing at a real, empty SQLite store of this test (also for this process)."""
     (tmp_path / "store").mkdir()
+    shutil.copy2(empty_mlflow_store, tmp_path / "store" / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return {"MLFLOW_TRACKING_URI": uri}

@@ -28,12 +28,13 @@ slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, prepared_template):
     """A repo with prepared digits, trained logreg/cnn/final models (1 epoch), evaluation and report; untracked."""
     repo = copy_repo(tmp_path_factory.mktemp("world") / "repo")
     edit_params(repo, {"comparison": ["logreg"], "model.name": "logreg", "train.epochs": 1,
                        "tracking.enabled": False})
-    for command in (["prepare"], ["train", "--model", "logreg"], ["train", "--final"], ["evaluate"], ["report"]):
+    shutil.copytree(prepared_template, repo / "data" / "prepared")
+    for command in (["train", "--model", "logreg"], ["train", "--final"], ["evaluate"], ["report"]):
         run_cli(*command, cwd=repo, check=True)
     return repo
 

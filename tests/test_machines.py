@@ -24,7 +24,7 @@ from helpers import copy_repo, edit_params, run_cli
 pytestmark = pytest.mark.slow
 
 N_TRIALS = 8
-# cheap trials: the test is about the storage, the lock and the server, on a 2-core machine running 12 processes
+# cheap trials: the test is about the storage, the lock and the server, on a 2-core machine running 9 processes
 # (and no confirmation over seeds after them: each machine would retrain the candidates; test_tuning tests it)
 SEARCH = {"comparison": ["logreg"], "model.name": "mlp", "tune.epochs": 2, "tune.warmup_epochs": 2, "tune.confirm": 0,
           "tune.startup_trials": 2, "tune.n_trials": N_TRIALS, "tune.heartbeat_interval": 2, "tune.grace_period": 10,
@@ -49,10 +49,10 @@ def trials(storage: str) -> list:
     return optuna.load_study(study_name=names[0], storage=storage).trials if names else []
 
 
-def test_four_machines_two_workers_each_one_sigkill_exactly_n_trials(services, tmp_path, prepared_template):
+def test_three_machines_two_workers_each_one_sigkill_exactly_n_trials(services, tmp_path, prepared_template):
     storage = services["OPTUNA_STORAGE"]
     os.environ["PGPASSFILE"] = services["PGPASSFILE"]  # this process reads the study too
-    machines = [machine(tmp_path, f"machine-{i}", services, storage) for i in range(4)]
+    machines = [machine(tmp_path, f"machine-{i}", services, storage) for i in range(3)]
     for repo, _ in machines:  # the same data everywhere, as `dvc pull` from a shared remote would give
         shutil.copytree(prepared_template, repo / "data" / "prepared")
     logs = [(open(repo.parent / "tune.out", "w+"), open(repo.parent / "tune.err", "w+")) for repo, _ in machines]
@@ -82,10 +82,13 @@ def test_four_machines_two_workers_each_one_sigkill_exactly_n_trials(services, t
     study_trials = trials(storage)
     finished = [t for t in study_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == N_TRIALS, [t.state for t in study_trials]
-    # the killed worker's trials (its population trained them together) failed, each retried once and finished
+    # the killed worker's trials (its population trained them together) failed, each retried once and finished;
+    # a trial it had asked for but not yet named itself the owner of (killed in between) failed as an orphan
     failed = [t for t in study_trials if t.state == TrialState.FAIL]
     assert killed.number in {t.number for t in failed}
-    assert {t.user_attrs["worker"] for t in failed} == {killed.user_attrs["worker"]}
+    assert {t.user_attrs.get("worker") for t in failed} <= {killed.user_attrs["worker"], None}
+    assert all(t.user_attrs["fail_reason"] == "its process stopped before it started" for t in failed
+               if "worker" not in t.user_attrs)
     for trial in failed:
         retry, = [t for t in study_trials if t.system_attrs.get("failed_trial") == trial.number]
         assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
@@ -165,7 +168,7 @@ def test_a_search_through_optunas_grpc_proxy_finishes_exactly_n_trials(services,
     try:
         repo, env = machine(tmp_path, "behind-a-proxy", services, f"grpc://127.0.0.1:{port}")
         shutil.copytree(prepared_template, repo / "data" / "prepared")
-        # another study than the four machines' (tune.epochs), and no MLflow: this is about the storage
+        # another study than the three machines' (tune.epochs), and no MLflow: this is about the storage
         edit_params(repo, {"tune.lock": database, "tune.epochs": 3, "tune.n_trials": 6, "tracking.enabled": False})
         result = run_cli("tune", "--workers", "2", cwd=repo, env=env)
         assert result.returncode == 0, result.stderr

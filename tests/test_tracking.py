@@ -3,6 +3,7 @@
 import os
 import pickle
 import random
+import shutil
 import string
 import subprocess
 from pathlib import Path
@@ -27,7 +28,7 @@ SECRET_STORAGE = f"postgresql://optuna:{PASSWORD}@127.0.0.1:1/optuna"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, prepared_template):
     """One repo copy with a tracked logreg comparison run and two tracked final logreg runs, evaluated.
 
     params.yaml carries a storage URL with a password, and the final run gets another on its command line: both
@@ -39,8 +40,9 @@ def trained(tmp_path_factory):
     (root / "store").mkdir()
     edit_params(repo, {"comparison": ["logreg"], "model.name": "logreg", "train.epochs": 3,
                        "tune.storage": SECRET_STORAGE})
+    shutil.copytree(prepared_template, repo / "data" / "prepared")
     outputs = [run_cli(*command, cwd=repo, check=True, env=env) for command in (
-        ["prepare"], ["train", "--model", "logreg"],
+        ["train", "--model", "logreg"],
         ["train", "--final", "--set", "tracking.uri='http://mlflow:%s@nowhere:5000'" % PASSWORD.replace("'", "''")],
         ["evaluate"])]
     # a second, worse final model (1 epoch) registers version 2; `best` must stay on version 1
@@ -178,12 +180,17 @@ def test_reproduce_matches_exactly_and_refuses_other_data(trained):
     client.log_metric(final, "test_accuracy_mean", runs[1].data.metrics["test_accuracy_mean"])
     client.log_metric(final, "test_accuracy_std", runs[1].data.metrics["test_accuracy_std"])
 
-    run_cli("prepare", "--set", "data.split_seed=7", cwd=repo, check=True, env=env)
-    result = run_cli("reproduce", run_id, cwd=repo, env=env)
-    assert result.returncode == 2
-    line, = result.stderr.strip().splitlines()
-    assert f"is not the data run {run_id} trained on" in line and "dvc checkout data/prepared" in line
-    run_cli("prepare", cwd=repo, check=True, env=env)  # back to the data the runs trained on
+    prepared = repo / "data" / "prepared"
+    shutil.move(prepared, repo / "trained-on")
+    try:
+        run_cli("prepare", "--set", "data.split_seed=7", cwd=repo, check=True, env=env)
+        result = run_cli("reproduce", run_id, cwd=repo, env=env)
+        assert result.returncode == 2
+        line, = result.stderr.strip().splitlines()
+        assert f"is not the data run {run_id} trained on" in line and "dvc checkout data/prepared" in line
+    finally:  # back to the data the runs trained on
+        shutil.rmtree(prepared, ignore_errors=True)
+        shutil.move(repo / "trained-on", prepared)
 
 
 def digit_pngs(folder: Path) -> list[str]:

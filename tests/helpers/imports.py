@@ -12,6 +12,7 @@ not another's dep.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
@@ -25,6 +26,7 @@ def _is_module(name: str) -> bool:
     return (PACKAGE / f"{name}.py").exists() or (PACKAGE / name / "__init__.py").exists()
 
 
+@functools.cache  # the cycle test walks every module's closure: each file is parsed once
 def _tree(module: str) -> ast.Module:
     """A module's source; a sub-package's is every file of it, as one."""
     sources = sorted((PACKAGE / module).rglob("*.py")) if (PACKAGE / module).is_dir() else [PACKAGE / f"{module}.py"]
@@ -32,6 +34,7 @@ def _tree(module: str) -> ast.Module:
                       type_ignores=[])
 
 
+@functools.cache
 def _file_tree(module: str) -> ast.Module:
     """What importing `module` runs of the per-file package: "stages" is its __init__.py alone."""
     if module == PER_FILE or module.startswith(PER_FILE + "."):
@@ -76,6 +79,11 @@ def _imported(node: ast.AST) -> set[str]:
     return found
 
 
+@functools.cache
+def _imports_of(module: str) -> frozenset[str]:
+    return frozenset(_imported(_file_tree(module)))
+
+
 def _module_level(tree: ast.Module) -> set[str]:
     return set().union(*(_imported(node) for node in tree.body if not isinstance(node, (ast.FunctionDef,
                                                                                         ast.ClassDef))))
@@ -92,7 +100,7 @@ def closure(modules: set[str], shallow: set[str] = frozenset()) -> set[str]:
             if module.startswith(PER_FILE + "."):
                 todo.append(PER_FILE)  # importing a package's module runs its __init__.py first
             if module not in shallow:
-                todo += _imported(_file_tree(module)) - seen
+                todo += _imports_of(module) - seen
     return seen
 
 
