@@ -1,5 +1,6 @@
 """Interrupted runs: what MLflow shows, and what resumes (only a run's own resume point: same config, data, code)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,11 +119,17 @@ def test_ui_serves_both_links_to_the_models_and_ctrl_c_stops_everything_it_start
     with SummaryWriter(str(repo_copy / "runs" / "cnn" / "abc-seed42")) as writer:  # a run's TensorBoard folder
         writer.add_scalar("val_loss", 0.5, 1)
     mlflow_port, optuna_port, tensorboard_port = free_port(), free_port(), free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
-                                "--optuna-port", str(optuna_port), "--tensorboard-port", str(tensorboard_port),
-                                "--set", f"tune.storage=sqlite:///{storage}"],
-                               cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    # SIGINT as a terminal's foreground job has it: a suite started in the background (a non-interactive shell's
+    # `&`) runs with SIGINT ignored, and a child inherits that across exec unless it is handled here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--mlflow-port", str(mlflow_port),
+                                    "--optuna-port", str(optuna_port), "--tensorboard-port", str(tensorboard_port),
+                                    "--set", f"tune.storage=sqlite:///{storage}"],
+                                   cwd=repo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         shown = [process.stdout.readline() for _ in range(3)]
         assert sorted(line.split(":")[0] for line in shown) == ["MLflow UI", "Optuna dashboard", "TensorBoard"], shown
@@ -141,14 +148,22 @@ def test_ui_serves_both_links_to_the_models_and_ctrl_c_stops_everything_it_start
         started = psutil.Process(process.pid).children(recursive=True)
         assert len(started) >= 2
         os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=30) == 0
-        out, err = process.communicate(timeout=30)
+        try:  # its pipes read as it ends: a full one would block it
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            alive = [f"{each.pid} {each.status()} {' '.join(each.cmdline())}" for each in
+                     [psutil.Process(process.pid), *started] if each.is_running()]
+            raise AssertionError(f"ui still running 30 s after Ctrl-C: {alive}") from None
+        assert process.returncode == 0, err
         assert "error" not in err.lower() and "Traceback" not in err, err
         assert "GET /" not in out + err  # access logs stay out of the terminal
         left = [each for each in started if each.is_running() and each.status() != psutil.STATUS_ZOMBIE]
         assert not left, [" ".join(each.cmdline()) for each in left]
     finally:
-        if process.poll() is None:
+        if process.poll() is None:  # the servers too: each runs in a session of its own
+            for each in psutil.Process(process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    each.kill()
             os.killpg(process.pid, signal.SIGKILL)
 
 
