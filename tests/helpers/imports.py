@@ -38,8 +38,7 @@ def _tree(module: str) -> ast.Module:
 def _file_tree(module: str) -> ast.Module:
     """What importing `module` runs of the per-file package: "stages" is its __init__.py alone."""
     if module == PER_FILE or module.startswith(PER_FILE + "."):
-        path = module.replace(".", "/") + ("/__init__.py" if module == PER_FILE else ".py")
-        return ast.parse((PACKAGE / path).read_text())
+        return ast.parse((PACKAGE / file_name(module)).read_text())
     return _tree(module)
 
 
