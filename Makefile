@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV)/bin)
 # DVC stages call `python -m pipeline`: put the venv first so they find it.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-fast plots ui bench bench-quick docs clean
+.PHONY: install repro test test-fast plots plots-template ui bench bench-quick docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
+# plain `dvc plots show` renders offline too: DVC's page with Vega inline, named in .dvc/config.local (written once)
+plots-template: install
+	@python -m pipeline plots --template-only
+
 # DVC ends every repro that ran a stage with a hint to `dvc push`, remote or not: shown only where there is one
-repro: install
+repro: install plots-template
 	@if dvc remote default >/dev/null 2>&1; then dvc repro; \
 	else set -o pipefail; dvc repro | sed '/^Use `dvc push` to send your updates to remote storage.$$/d'; fi
 
@@ -39,7 +43,7 @@ test: install
 test-fast: install
 	@$(call PYTEST,-m "not slow")
 
-# DVC's plots as one page that renders offline (dvc_plots/index.html; `dvc plots show` loads Vega from a CDN)
+# DVC's plots as one page that renders offline (dvc_plots/index.html; DVC's own page loads Vega from a CDN)
 plots: install
 	python -m pipeline plots
 

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     plots.add_argument("revisions", nargs="*", metavar="REV", help="compare these git revisions or experiments "
                        "(dvc plots diff); default: the workspace (dvc plots show)")
     plots.add_argument("-o", "--out", type=Path, default=Path("dvc_plots"), help="folder of index.html")
+    plots.add_argument("--template-only", action="store_true", help="only write the offline page and name it in "
+                       ".dvc/config.local, so that plain `dvc plots show` renders offline (make repro does this)")
     compare = commands.add_parser("compare", parents=[common],
                                   help="is A better than B? every pair of results judged on the same test images")
     compare.add_argument("sources", nargs="+", metavar="RESULT",
@@ -205,7 +207,10 @@ def run(args: argparse.Namespace) -> None:
         elif args.command == "reproduce":
             commands.reproduce(cfg, args.run_id, args.within_seeds)
         elif args.command == "plots":
-            commands.plots(args.out, args.revisions)
+            if args.template_only:
+                commands.offline_plots_template()
+            else:
+                commands.plots(args.out, args.revisions)
         elif args.command == "experiments":
             commands.experiments(cfg, args.markdown)
         elif args.command == "compare":

@@ -139,6 +139,10 @@ def compare(cfg: Config, sources: list[str], markdown: Path | None = None) -> No
         files.write_text(markdown, f"# {' vs '.join(each.name for each in compared)}\n\n{text}")
 
 
+# short headers: what they leave over is the changed params' room
+EXPERIMENTS_HEADER = ["experiment", "changed params", "final accuracy [95% CI]", "Δ vs HEAD [95% CI]", "verdict"]
+
+
 def experiments(cfg: Config, markdown: Path | None = None, width: int = 120) -> None:
     """One row per DVC experiment of HEAD (read through dvc.api, as `dvc exp show` reads them), in `width` columns:
     the params it changed from its baseline, the final model's test accuracy with its interval, and the difference
@@ -183,7 +187,7 @@ def experiments(cfg: Config, markdown: Path | None = None, width: int = 120) -> 
         table.append([name, changed, *_accuracy(name),
                       f"{sign * pair.difference['accuracy']:+.4f} [{low:+.3f}, {high:+.3f}]", verdict])
     table += unfinished
-    header = ["experiment", "changed params", "final test accuracy [95% CI]", "Δ vs baseline [95% CI]", "verdict"]
+    header = EXPERIMENTS_HEADER
     print(reporting.text_table(header, table, width, squeeze=1))
     count = f"{len(done)} experiment{'s' * (len(done) != 1)}"
     print(f"Δ: the final model's mean test accuracy over seeds minus the baseline's, on the same test images\n"
@@ -243,7 +247,9 @@ def _is_run_id(text: str) -> bool:
 
 
 # DVC's page loads Vega from a CDN: a page of our own carries it inline. DVC's templates are Vega-Lite 5 specs.
+VEGA_LITE = "5.20"
 _PLOTS_PAGE = """<!DOCTYPE html>
+<!-- DVC's plots page with Vega, Vega-Lite {vega_lite} and Vega-Embed inline (vl-convert {vl_convert}) -->
 <html>
 <head>
 <meta charset="utf-8">
@@ -256,22 +262,38 @@ _PLOTS_PAGE = """<!DOCTYPE html>
 </body>
 </html>
 """
-VEGA_LITE = "5.20"
+
+
+def offline_plots_template() -> Path:
+    """The plots page that renders without a network, at paths.PLOTS_TEMPLATE, written once per Vega-Lite and
+    vl-convert version; and named as DVC's `plots.html_template` in .dvc/config.local unless a config already names
+    a template, so that plain `dvc plots show` and `dvc plots diff` render offline too."""
+    import vl_convert
+    from dvc.repo import Repo
+
+    from pipeline import files
+
+    header = _PLOTS_PAGE.splitlines()[1].format(vega_lite=VEGA_LITE, vl_convert=vl_convert.__version__)
+    template = paths.PLOTS_TEMPLATE
+    if not template.is_file() or template.read_text().splitlines()[1:2] != [header]:
+        bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE)
+        files.write_text(template, _PLOTS_PAGE.format(vega_lite=VEGA_LITE, vl_convert=vl_convert.__version__,
+                                                      bundle=bundle))
+    with Repo() as repo:  # DVC resolves a relative html_template against .dvc/
+        if repo.config.get("plots", {}).get("html_template") is None:
+            with repo.config.edit("local") as config:
+                config["plots"]["html_template"] = str(template.relative_to(paths.DVC_DIR))
+            print(f"dvc plots show renders offline: .dvc/config.local names {template} as its page")
+    return template
 
 
 def plots(out: Path, revisions: list[str]) -> None:
     """`dvc plots show` (or `dvc plots diff REV...`) into `out`/index.html, rendering without a network: its page
     carries Vega, Vega-Lite and Vega-Embed inline (vl-convert's bundle) instead of loading them from a CDN."""
-    import vl_convert
-
-    from pipeline import files
-
-    with tempfile.TemporaryDirectory(prefix="plots-") as scratch:
-        template = Path(scratch) / "page.html"
-        files.write_text(template, _PLOTS_PAGE.format(bundle=vl_convert.javascript_bundle(vl_version=VEGA_LITE)))
-        command = ["diff", *revisions] if revisions else ["show"]
-        done = subprocess.run([sys.executable, "-m", "dvc", "plots", *command, "--html-template", str(template),
-                               "-o", str(out)], capture_output=True, text=True)
+    template = offline_plots_template()
+    command = ["diff", *revisions] if revisions else ["show"]
+    done = subprocess.run([sys.executable, "-m", "dvc", "plots", *command, "--html-template", str(template.resolve()),
+                           "-o", str(out)], capture_output=True, text=True)
     if done.returncode:
         raise UserError(f"dvc plots {command[0]} failed: {first_line(done.stderr.strip() or done.stdout)}")
     print(f"{out / 'index.html'}: every plot, rendered offline (open it in a browser)")

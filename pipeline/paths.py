@@ -30,6 +30,9 @@ METRICS_JSON = REPORTS_DIR / "metrics.json"
 MODELS_JSON = REPORTS_DIR / "models.json"  # every model's test metrics, as DVC metrics (columns <model>.<metric>)
 COMPARE_MD = REPORTS_DIR / "compare.md"
 PLOTS_DIR = REPORTS_DIR / "plots"
+DVC_DIR = Path(".dvc")
+# DVC's plots page with Vega inline (`make repro` writes it and names it in .dvc/config.local). Git-ignored.
+PLOTS_TEMPLATE = DVC_DIR / "offline-plots.html"
 
 FINAL = "final"  # run name of the model `report` presents (model.name trained by `train --final`)
 

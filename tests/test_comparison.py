@@ -1,6 +1,8 @@
 """Is A better than B? The paired comparisons behind compare.md: exact McNemar, Holm, a paired and seed-aware
 bootstrap, and a verdict that a tie can never earn."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,22 @@ def test_the_compare_command_refuses_results_on_different_test_sets_in_one_line(
     assert "ours and theirs were tested on different test sets" in line
     same = run_cli("compare", str(tmp_path / "ours.npz"), str(tmp_path / "ours.npz"), cwd=REPO)
     assert same.returncode == 0 and "| ours [1] | ours [2] |" in same.stdout and "identical predictions" in same.stdout
+
+
+def test_the_experiments_table_fits_120_columns_for_three_experiments_giving_up_only_changed_params():
+    from pipeline.commands import EXPERIMENTS_HEADER
+    from pipeline.reporting import text_table
+
+    accuracy, delta = "0.9833 [0.969, 0.994]", "-0.0028 [-0.014, +0.008]"
+    many = ", ".join(f"train.{key}={value}" for key, value in [("epochs", 30), ("lr", 0.0031622776601683794),
+                                                                ("batch_size", 128), ("optimizer", "adamw"),
+                                                                ("scheduler", "cosine"), ("label_smoothing", 0.1)])
+    rows = [["baseline", "HEAD (2e9e6c6)", accuracy, "", ""],
+            ["three-epochs", "train.epochs=3", accuracy, delta, "no sig. diff (±0.012)"],
+            ["sober-mace", "model.name=mlp, train.lr=0.003", accuracy, delta, "worse"],
+            ["long-search", many, accuracy, delta, "better"]]
+    lines = text_table(EXPERIMENTS_HEADER, rows, 120, squeeze=1).splitlines()
+    assert len(lines) == 5 and max(len(line) for line in lines) <= 120, "\n".join(lines)
+    assert lines[4].startswith("long-search   train.epochs=30, train.lr=") and "…  0.9833 [" in lines[4]
+    assert lines[2].endswith(f"{delta}  no sig. diff (±0.012)") and "train.epochs=3 " in lines[2]
+    assert re.match(r"sober-mace +model\.name=mlp, train\.lr=0\.003 +0\.9833", lines[3])  # a fitting cell: whole
