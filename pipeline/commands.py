@@ -187,13 +187,13 @@ def experiments(cfg: Config, markdown: Path | None = None, width: int = 120) -> 
         table.append([name, changed, *_accuracy(name),
                       f"{sign * pair.difference['accuracy']:+.4f} [{low:+.3f}, {high:+.3f}]", verdict])
     table += unfinished
-    header = EXPERIMENTS_HEADER
-    print(reporting.text_table(header, table, width, squeeze=1))
+    print(reporting.text_table(EXPERIMENTS_HEADER, table, width, squeeze=1))
     count = f"{len(done)} experiment{'s' * (len(done) != 1)}"
     print(f"Δ: the final model's mean test accuracy over seeds minus the baseline's, on the same test images\n"
           f"(images and seeds resampled); a verdict needs McNemar's test (Holm over {count}) and the interval.")
     if markdown:
-        files.write_text(markdown, "# Experiments against HEAD\n\n" + reporting.markdown_table(header, table))
+        files.write_text(markdown, "# Experiments against HEAD\n\n"
+                         + reporting.markdown_table(EXPERIMENTS_HEADER, table))
 
 
 _MISSING = object()
@@ -248,8 +248,10 @@ def _is_run_id(text: str) -> bool:
 
 # DVC's page loads Vega from a CDN: a page of our own carries it inline. DVC's templates are Vega-Lite 5 specs.
 VEGA_LITE = "5.20"
+# the page's second line: a page written by another version is written again
+_PLOTS_STAMP = "<!-- DVC's plots page, Vega, Vega-Lite {vega_lite} and Vega-Embed inline (vl-convert {vl_convert}) -->"
 _PLOTS_PAGE = """<!DOCTYPE html>
-<!-- DVC's plots page with Vega, Vega-Lite {vega_lite} and Vega-Embed inline (vl-convert {vl_convert}) -->
+{stamp}
 <html>
 <head>
 <meta charset="utf-8">
@@ -273,12 +275,11 @@ def offline_plots_template() -> Path:
 
     from pipeline import files
 
-    header = _PLOTS_PAGE.splitlines()[1].format(vega_lite=VEGA_LITE, vl_convert=vl_convert.__version__)
+    stamp = _PLOTS_STAMP.format(vega_lite=VEGA_LITE, vl_convert=vl_convert.__version__)
     template = paths.PLOTS_TEMPLATE
-    if not template.is_file() or template.read_text().splitlines()[1:2] != [header]:
-        bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE)
-        files.write_text(template, _PLOTS_PAGE.format(vega_lite=VEGA_LITE, vl_convert=vl_convert.__version__,
-                                                      bundle=bundle))
+    if not template.is_file() or template.read_text().splitlines()[1:2] != [stamp]:
+        files.write_text(template, _PLOTS_PAGE.format(stamp=stamp, bundle=vl_convert.javascript_bundle(
+            vl_version=VEGA_LITE)))
     with Repo() as repo:  # DVC resolves a relative html_template against .dvc/
         if repo.config.get("plots", {}).get("html_template") is None:
             with repo.config.edit("local") as config:
