@@ -154,6 +154,44 @@ def test_a_sigkilled_last_trial_is_failed_retried_and_the_study_finished_by_a_re
     assert retry.state == TrialState.COMPLETE and retry.params == failed.params
 
 
+# `tune` in a process that dies (as by SIGKILL: no cleanup) the moment its first trial's MLflow run is open, before
+# the run is recorded on the trial
+DIES_WITH_ITS_RUN_OPEN = (
+    "import os, sys, optuna; from pipeline import cli; record = optuna.trial.Trial.set_user_attr; "
+    "optuna.trial.Trial.set_user_attr = lambda trial, key, value: "
+    "os._exit(9) if key == 'mlflow_run_id' else record(trial, key, value); "
+    "sys.exit(cli.main(['tune', '--set', 'tune.n_trials=1']))")
+
+
+def test_a_run_opened_just_before_its_process_died_is_closed_by_the_machine_that_fails_its_trial(search_repo,
+                                                                                               tracked_env):
+    """Killed between opening a trial's MLflow run and recording the run on the trial (test_machines' kill can land
+    there): the process of another machine that fails the trial by its heartbeats also closes that run, found by
+    the run's trial tag."""
+    repo, storage = search_repo
+    edit_params(repo, {"tune.heartbeat_interval": 1, "tune.grace_period": 2})
+    died = subprocess.run([sys.executable, "-c", DIES_WITH_ITS_RUN_OPEN], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, **tracked_env, "PIPELINE_HOSTNAME": "machine-a"})
+    assert died.returncode == 9, died.stderr
+    dead, = load_only_study(storage).trials
+    assert dead.state == TrialState.RUNNING and "mlflow_run_id" not in dead.user_attrs
+    client = mlflow.MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
+    orphan, = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`pipeline.role` = 'trial'")
+    assert orphan.info.status == "RUNNING"
+
+    # machine-b cannot see machine-a's processes: only the missing heartbeats tell it the trial is dead
+    result = run_cli("tune", "--set", "tune.n_trials=1", cwd=repo,
+                     env={**tracked_env, "PIPELINE_HOSTNAME": "machine-b"})
+    assert result.returncode == 0, result.stderr
+    failed, retry = load_only_study(storage).trials
+    assert failed.state == TrialState.FAIL and retry.system_attrs["failed_trial"] == failed.number
+    closed = client.get_run(orphan.info.run_id)
+    assert closed.info.status == "KILLED", "the dead trial's run was left RUNNING"
+    assert closed.data.tags["pipeline.end_reason"].startswith("its trial failed")
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_three_tune_processes_started_at_once_on_a_fresh_storage(prepared_repo, tracked_env, tmp_path, kind):
     repo_copy = prepared_repo

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import loop, population, training
 from pipeline.metrics import is_better, worst
 from pipeline.tuning.space import decoded_params
-from pipeline.tuning.study import Search, trial_config
+from pipeline.tuning.study import STUDY_TAG, TRIAL_TAG, Search, trial_config
 
 LEVEL = 0.95
 UNTUNED = "params.yaml"  # the `origin` of the untuned settings' trial (study.open_search enqueues it)
@@ -124,7 +124,7 @@ def _retrain(search: Search, chosen: list[FrozenTrial]) -> dict[int, list[float]
                 run = tracked.enter_context(training.tracked_run(
                     member, f"{study.study_name}-confirm-{trial.number:03d}-seed{member.seed}", "confirm",
                     search.prepared.md5, parent_run_id=search.parent_run_id,
-                    tags={"optuna.study": study.study_name, "optuna.trial": str(trial.number),
+                    tags={STUDY_TAG: study.study_name, TRIAL_TAG: str(trial.number),
                           "replicate.seed": str(member.seed), "pipeline.confirm": "true"}))
                 runs.append(loop.Run(model, member.train, train_batches, val_batches,
                                      [run.metrics] if run else [], key=trial.number))

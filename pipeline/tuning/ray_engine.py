@@ -41,7 +41,7 @@ from pipeline.config import SearchDimension
 from pipeline.errors import UserError, first_line
 from pipeline.tuning.space import decode, suggest
 from pipeline.tuning.storage import counts, trial_id
-from pipeline.tuning.study import Search, trial_config, trial_run_name
+from pipeline.tuning.study import STUDY_TAG, TRIAL_TAG, Search, trial_config, trial_run_name
 
 
 NUMBER = "optuna_trial"  # the key of a Ray trial's config that says which study trial it is
@@ -133,7 +133,7 @@ class Trial(ray_tune.Trainable):
         model, train_batches, val_batches = training.setup(cfg, self.prepared.to(device), device)
         name = trial_run_name(self.study_name, self.number)
         continued = self._lost_run()
-        tags = {"optuna.study": self.study_name, "optuna.trial": str(self.number), RAY_TRIAL: self.trial_id,
+        tags = {STUDY_TAG: self.study_name, TRIAL_TAG: str(self.number), RAY_TRIAL: self.trial_id,
                 RAY_NODE: ray.get_runtime_context().get_node_id(), "torch.threads": str(torch.get_num_threads())}
         if self.restored:
             tags[RESTORED] = str(self.restored.load()["epoch"])

@@ -28,7 +28,7 @@ from pipeline.tuning.confirm import confirm
 from pipeline.tuning.reports import write_reports
 from pipeline.tuning.space import decoded_params
 from pipeline.tuning.storage import counts, fail, heartbeats, storage_url
-from pipeline.tuning.study import Search, open_search
+from pipeline.tuning.study import STUDY_TAG, TRIAL_TAG, Search, open_search
 from pipeline.tuning.trials import TRIAL_FAILURES, NoTrial, SharedParams
 
 POLL_S = 2.0  # how often a worker with nothing to start looks again
@@ -185,7 +185,7 @@ def _parent_run(search: Search):
         client = tracking.connect(cfg.tracking)
         if not (existing and tracking.run_exists(client, existing)):
             with tracking.TrackedRun(cfg, study.study_name, "study", search.prepared.md5, own_process=False,
-                                     tags={"optuna.study": study.study_name,
+                                     tags={STUDY_TAG: study.study_name,
                                            "optuna.storage": redact(storage_url(cfg.tune))}) as created:
                 existing = created.run_id
             study.set_user_attr("mlflow_parent_run_id", existing)
@@ -197,17 +197,20 @@ def _parent_run(search: Search):
 
 
 def _close_runs_of_dead_trials(search: Search) -> None:
-    """A trial failed for its dead process (here or on another machine) leaves its MLflow run RUNNING: close it."""
-    if not search.cfg.tracking.enabled:
+    """A trial failed for its dead process (here or on another machine) leaves its MLflow run RUNNING: close it.
+    Found by the run's own trial tag, not the trial's `mlflow_run_id`: a process killed between opening the run and
+    recording it on the trial leaves a run the trial does not name."""
+    if not (search.cfg.tracking.enabled and search.parent_run_id):
         return
     from pipeline import tracking
 
     client = tracking.connect(search.cfg.tracking)
+    reasons: dict[str, list[str]] = {}  # one search per distinct reason, not per trial
     for trial in search.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if "mlflow_run_id" in trial.user_attrs:
-            reason = trial.user_attrs.get("fail_reason", "its process died")
-            tracking.close_if_running(client, trial.user_attrs["mlflow_run_id"],
-                                      f"trial {trial.number} failed: {reason}")
+        reasons.setdefault(trial.user_attrs.get("fail_reason", "its process died"), []).append(str(trial.number))
+    for reason, numbers in reasons.items():
+        for run_id in tracking.child_runs(client, search.parent_run_id, TRIAL_TAG, numbers, running_only=True):
+            tracking.close_if_running(client, run_id, f"its trial failed: {reason}")
 
 
 def _run_worker_processes(workers: int, worker_args: list[str]) -> None:

@@ -22,6 +22,10 @@ from pipeline.config import Config, TuneConfig, study_keys
 from pipeline.tuning.space import default_params
 from pipeline.tuning.storage import StudyLock, lock_url, open_storage
 
+# the tags that name an MLflow run's study and trial: how a run is found from its trial, even one whose process
+# died before it could record the run on the trial
+STUDY_TAG, TRIAL_TAG = "optuna.study", "optuna.trial"
+
 
 def study_name(cfg: Config, data_md5: str) -> str:
     """dataset-model-hash of the search's definition and its data: same search -> same study, so it resumes;

@@ -20,7 +20,7 @@ from pipeline.errors import first_line
 from pipeline.metrics import EpochMetrics
 from pipeline.tuning.space import shared_params, suggest
 from pipeline.tuning.storage import OWNER, beat, counts, fail_dead_trials, trial_id
-from pipeline.tuning.study import Search, trial_config, trial_run_name
+from pipeline.tuning.study import STUDY_TAG, TRIAL_TAG, Search, trial_config, trial_run_name
 
 TRIAL_FAILURES = (loop.NonFiniteLossError, torch.cuda.OutOfMemoryError)
 
@@ -87,7 +87,7 @@ class TrialRun:
         self.run = self._closing.enter_context(training.tracked_run(
             cfg, trial_run_name(search.study.study_name, trial.number), "trial", search.prepared.md5,
             parent_run_id=search.parent_run_id, finished_on=(optuna.TrialPruned,),
-            tags={"optuna.study": search.study.study_name, "optuna.trial": str(trial.number),
+            tags={STUDY_TAG: search.study.study_name, TRIAL_TAG: str(trial.number),
                   "torch.threads": str(torch.get_num_threads())}))
         if self.run:
             trial.set_user_attr("mlflow_run_id", self.run.run_id)
