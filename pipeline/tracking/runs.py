@@ -236,17 +236,18 @@ def log_lr_find(cfg: Config, name: str, data_md5: str, lrs: list[float], losses:
 
 
 def child_runs(client: MlflowClient, parent_run_id: str, tag: str, values: list[str],
-               running_only: bool = False) -> list[str]:
+               running_only: bool = False) -> dict[str, str]:
     """The runs nested under `parent_run_id` whose `tag` is one of `values` (e.g. the Ray trial a restarted worker
-    continues), oldest first."""
+    continues), oldest first: run id -> its `tag`."""
     if not values:
-        return []
+        return {}
     experiment = client.get_run(parent_run_id).info.experiment_id
     where = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
     if running_only:
         where += " and attributes.status = 'RUNNING'"
     runs = client.search_runs([experiment], where, max_results=50000, order_by=["attributes.start_time ASC"])
-    return [run.info.run_id for run in runs if run.data.tags.get(tag) in set(values)]
+    wanted = set(values)
+    return {run.info.run_id: run.data.tags[tag] for run in runs if run.data.tags.get(tag) in wanted}
 
 
 def mark_best_version(client: MlflowClient, name: str, metric: str, data_md5: str) -> str | None:

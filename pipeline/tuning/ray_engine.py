@@ -160,7 +160,7 @@ class Trial(ray_tune.Trainable):
 
         runs = tracking.child_runs(tracking.connect(self.cfg.tracking), self.parent_run_id, RAY_TRIAL,
                                    [self.trial_id])
-        return runs[-1] if runs else None
+        return list(runs)[-1] if runs else None
 
 
 class TrialLines(ray_tune.Callback):

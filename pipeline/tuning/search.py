@@ -205,12 +205,11 @@ def _close_runs_of_dead_trials(search: Search) -> None:
     from pipeline import tracking
 
     client = tracking.connect(search.cfg.tracking)
-    reasons: dict[str, list[str]] = {}  # one search per distinct reason, not per trial
-    for trial in search.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        reasons.setdefault(trial.user_attrs.get("fail_reason", "its process died"), []).append(str(trial.number))
-    for reason, numbers in reasons.items():
-        for run_id in tracking.child_runs(client, search.parent_run_id, TRIAL_TAG, numbers, running_only=True):
-            tracking.close_if_running(client, run_id, f"its trial failed: {reason}")
+    reasons = {str(trial.number): trial.user_attrs.get("fail_reason", "its process died")
+               for trial in search.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    running = tracking.child_runs(client, search.parent_run_id, TRIAL_TAG, list(reasons), running_only=True)
+    for run_id, number in running.items():
+        tracking.close_if_running(client, run_id, f"its trial failed: {reasons[number]}")
 
 
 def _run_worker_processes(workers: int, worker_args: list[str]) -> None:
