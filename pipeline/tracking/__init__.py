@@ -31,11 +31,11 @@ What a run shows must be true:
 from pipeline.tracking.lineage import git_state, lineage_tags
 from pipeline.tracking.results import download_model_file, fetch_run, log_test_results, logged_predictions
 from pipeline.tracking.runs import (BEST_ALIAS, SERVING_CODE, WEIGHTS, RunMetrics, TrackedRun, child_runs,
-                                    log_lr_find, mark_best_version, run_exists)
-from pipeline.tracking.store import (EXPERIMENT_KIND, ORPHAN_REASON, PROCESS_TAG, close_if_running,
-                                     close_orphaned_runs, connect, experiment_id, tracking_uri)
+                                    close_running_children, log_lr_find, mark_best_version, run_exists)
+from pipeline.tracking.store import (EXPERIMENT_KIND, ORPHAN_REASON, PROCESS_TAG, close_orphaned_runs, connect,
+                                     experiment_id, tracking_uri)
 
 __all__ = ["BEST_ALIAS", "EXPERIMENT_KIND", "ORPHAN_REASON", "PROCESS_TAG", "SERVING_CODE", "WEIGHTS", "RunMetrics",
-           "TrackedRun", "child_runs", "close_if_running", "close_orphaned_runs", "connect", "download_model_file",
-           "experiment_id", "fetch_run", "git_state", "lineage_tags", "log_lr_find", "log_test_results",
-           "logged_predictions", "mark_best_version", "run_exists", "tracking_uri"]
+           "TrackedRun", "child_runs", "close_orphaned_runs", "close_running_children", "connect",
+           "download_model_file", "experiment_id", "fetch_run", "git_state", "lineage_tags", "log_lr_find",
+           "log_test_results", "logged_predictions", "mark_best_version", "run_exists", "tracking_uri"]

@@ -20,7 +20,7 @@ from pipeline.errors import first_line, redact
 from pipeline.loop import Callback
 from pipeline.metrics import NAMES, EpochMetrics, is_better
 from pipeline.tracking.lineage import lineage_tags
-from pipeline.tracking.store import ORPHAN_REASON, PROCESS_TAG, connect, experiment_id
+from pipeline.tracking.store import ORPHAN_REASON, PROCESS_TAG, close_if_running, connect, experiment_id
 
 BEST_ALIAS = "best"
 WEIGHTS = "weights"  # key of the weights file among a logged model's artifacts (see serving.py)
@@ -249,6 +249,13 @@ def child_runs(client: MlflowClient, parent_run_id: str, tag: str, values: list[
     wanted = set(values)
     return {run.info.run_id: run.data.tags[tag] for run in runs if run.data.tags.get(tag) in wanted}
 
+
+def close_running_children(client: MlflowClient, parent_run_id: str, tag: str, reasons: dict[str, str]) -> list[str]:
+    """Close as KILLED the RUNNING runs nested under `parent_run_id` whose `tag` is a key of `reasons`, each saying
+    its value: runs whose process is gone, found by their own tag (their process may have died before it could
+    record the run anywhere else). Returns the closed runs."""
+    running = child_runs(client, parent_run_id, tag, list(reasons), running_only=True)
+    return [run_id for run_id, value in running.items() if close_if_running(client, run_id, reasons[value])]
 
 def mark_best_version(client: MlflowClient, name: str, metric: str, data_md5: str) -> str | None:
     """Point the `best` alias at the version with the best validation `metric` among versions trained on this

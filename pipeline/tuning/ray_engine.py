@@ -262,8 +262,8 @@ def _close_lost_runs(cfg, parent_run_id: str | None, trial_ids: list[str]) -> No
     from pipeline import tracking
 
     client = tracking.connect(cfg.tracking)
-    for run_id in tracking.child_runs(client, parent_run_id, RAY_TRIAL, trial_ids, running_only=True):
-        tracking.close_if_running(client, run_id, "its Ray worker was lost and Ray did not finish the trial")
+    tracking.close_running_children(client, parent_run_id, RAY_TRIAL, dict.fromkeys(
+        trial_ids, "its Ray worker was lost and Ray did not finish the trial"))
 
 
 def _last_line(error: BaseException) -> str:

@@ -205,11 +205,9 @@ def _close_runs_of_dead_trials(search: Search) -> None:
     from pipeline import tracking
 
     client = tracking.connect(search.cfg.tracking)
-    reasons = {str(trial.number): trial.user_attrs.get("fail_reason", "its process died")
+    reasons = {str(trial.number): f"its trial failed: {trial.user_attrs.get('fail_reason', 'its process died')}"
                for trial in search.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    running = tracking.child_runs(client, search.parent_run_id, TRIAL_TAG, list(reasons), running_only=True)
-    for run_id, number in running.items():
-        tracking.close_if_running(client, run_id, f"its trial failed: {reasons[number]}")
+    tracking.close_running_children(client, search.parent_run_id, TRIAL_TAG, reasons)
 
 
 def _run_worker_processes(workers: int, worker_args: list[str]) -> None:
